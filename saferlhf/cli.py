@@ -1,0 +1,47 @@
+"""The ``saferlhf`` command: compose the Hydra config, seed, run the task, write summary.json."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from pytorch_lightning import seed_everything
+
+from saferlhf import CONF_DIR
+from saferlhf.config import register_configs
+from saferlhf.run import RunContext, build_logger, close_logger, write_run_files
+from saferlhf.tasks import TASKS
+
+log = logging.getLogger(__name__)
+
+register_configs()
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    """Run ``cfg.task`` in ``run_dir`` and return its metrics."""
+    if cfg.task.name not in TASKS:
+        raise ValueError(f"task.name={cfg.task.name!r}: expected one of {sorted(TASKS)}")
+    seed_everything(cfg.seed, workers=True, verbose=False)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logger = build_logger(cfg, run_dir)
+    status = "failed"
+    try:
+        result = TASKS[cfg.task.name](RunContext(cfg, run_dir, logger))
+        status = "success"
+    finally:
+        close_logger(logger, status)
+    summary = write_run_files(cfg, run_dir, result)
+    log.info("summary: %s", summary)
+    return result.metrics
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()

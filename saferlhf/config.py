@@ -1,0 +1,121 @@
+"""Structured configs: the schema behind every group of the Hydra tree in ``conf/``.
+
+Each dataclass is stored in Hydra's ConfigStore as ``<group>/schema`` and every YAML of the
+group starts from it (``defaults: [schema]``), so an override with a misspelt key or a wrong
+type fails at composition. Values live in the YAML files; a default here is only given where
+every YAML of the group shares it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class BenchmarkConfig:
+    num_train: int = MISSING
+    num_test: int = MISSING
+    seed: int = MISSING
+    label_noise: float = MISSING
+    benign_fraction: float = MISSING
+
+
+@dataclass
+class DataConfig:
+    source: str = MISSING  # benchmark | hub | local
+    kind: str = MISSING  # row schema: preference | single | qa
+    name: str | None = None  # hub dataset id (source=hub)
+    subset: str | None = None  # hub config name, e.g. default, alpaca-7b
+    revision: str | None = None
+    path: str | None = None  # a file or a directory of train/test files (source=local)
+    # Our split name -> the source's split name; datasets slicing works, e.g. train[:1000].
+    split: dict[str, str] = field(default_factory=lambda: {"train": "train", "test": "test"})
+    test_fraction: float = 0.1  # share carved out as test when a local path has no test file
+    on_bad_row: str = "raise"  # raise | skip (skipped rows are written to the run dir)
+    benchmark: BenchmarkConfig | None = None
+
+
+@dataclass
+class PreferenceConfig:
+    name: str = MISSING  # single | dual
+    benchmark_kind: str = MISSING  # which labels the embedded benchmark emits for this setting
+    use_cost: bool = MISSING  # dual preference trains a cost model and constrains the policy
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = MISSING
+    min_frequency: int = MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    name_or_path: str | None = None  # hub id or local folder; None builds `arch` from scratch
+    arch: dict[str, Any] | None = None  # transformers config kwargs for a from-scratch model
+    tokenizer: TokenizerConfig | None = None  # trained on the data when building from scratch
+    max_length: int = MISSING
+    trust_remote_code: bool = False
+    dtype: str = "float32"
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = MISSING
+    devices: Any = MISSING
+    strategy: str = "auto"
+    precision: str = "32-true"
+    num_nodes: int = 1
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+    log_every_n_steps: int = 10
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING  # wandb | csv | tensorboard | none
+    offline: bool = True
+    project: str = "saferlhf"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+
+
+@dataclass
+class DataReportTaskConfig(TaskConfig):
+    plot: bool = MISSING
+
+
+@dataclass
+class Config:
+    task: TaskConfig = MISSING
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    preference: PreferenceConfig = MISSING
+    experiment_name: str = MISSING
+    seed: int = MISSING
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(name="config_schema", node=Config)
+    for group, node in (
+        ("data", DataConfig),
+        ("preference", PreferenceConfig),
+        ("model", ModelConfig),
+        ("trainer", TrainerConfig),
+        ("logger", LoggerConfig),
+    ):
+        store.store(group=group, name="schema", node=node)
+    store.store(group="task", name="data_report_schema", node=DataReportTaskConfig)

@@ -1,0 +1,17 @@
+from saferlhf.models.builders import (
+    build_causal_lm,
+    build_score_model,
+    count_parameters,
+    save_artifact,
+)
+from saferlhf.models.tokenizer import build_tokenizer, load_tokenizer, train_bpe_tokenizer
+
+__all__ = [
+    "build_causal_lm",
+    "build_score_model",
+    "build_tokenizer",
+    "count_parameters",
+    "load_tokenizer",
+    "save_artifact",
+    "train_bpe_tokenizer",
+]

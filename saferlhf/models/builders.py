@@ -1,0 +1,94 @@
+"""Model builders: policies are ``AutoModelForCausalLM``, score models
+``AutoModelForSequenceClassification`` (one label: the reward or cost at the last token).
+
+A from-scratch model is built from ``cfg.model.arch``; a named one is loaded by
+``name_or_path``, a hub id or a local folder through the same ``from_pretrained`` call.
+Artifacts are plain Hugging Face folders: config, safetensors weights and the tokenizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+
+def _arch_config(model_cfg: Any, tokenizer: PreTrainedTokenizerBase, **extra: Any):
+    arch = dict(model_cfg.arch)
+    model_type = arch.pop("model_type")
+    return AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **arch,
+        **extra,
+    )
+
+
+def _dtype(model_cfg: Any) -> torch.dtype:
+    return getattr(torch, model_cfg.dtype)
+
+
+def _match_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Grow the embeddings if the tokenizer gained tokens (a pad token) and record pad."""
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def build_causal_lm(model_cfg: Any, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A policy for ``cfg.model``: loaded from ``name_or_path`` or initialised from ``arch``."""
+    if model_cfg.name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_cfg.name_or_path,
+            dtype=_dtype(model_cfg),
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+    else:
+        model = AutoModelForCausalLM.from_config(
+            _arch_config(model_cfg, tokenizer), dtype=_dtype(model_cfg)
+        )
+    return _match_tokenizer(model, tokenizer)
+
+
+def build_score_model(
+    model_cfg: Any, tokenizer: PreTrainedTokenizerBase, num_labels: int = 1
+) -> PreTrainedModel:
+    """A score model (reward or cost): the backbone with a linear head on the last non-pad token."""
+    if model_cfg.name_or_path:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_cfg.name_or_path,
+            num_labels=num_labels,
+            dtype=_dtype(model_cfg),
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+    else:
+        config = _arch_config(model_cfg, tokenizer, num_labels=num_labels)
+        model = AutoModelForSequenceClassification.from_config(config, dtype=_dtype(model_cfg))
+    return _match_tokenizer(model, tokenizer)
+
+
+def save_artifact(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path
+) -> Path:
+    """Write a Hugging Face folder (config, safetensors, tokenizer) that any HF client loads."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

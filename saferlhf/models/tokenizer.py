@@ -1,0 +1,57 @@
+"""Tokenizers: a hub/local one by ``name_or_path``, or a byte-level BPE trained on the data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, min_frequency: int
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (GPT-2 style) with distinct pad, bos and eos tokens.
+
+    Byte-level means any text round-trips, including what a policy generates; pad differs from
+    eos so that a generated end of sequence is never mistaken for padding.
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token=PAD, bos_token=BOS, eos_token=EOS
+    )
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a hub id or a local folder (one code path), with a pad token ≠ eos."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # Many base models ship without a pad token; reusing eos would mask real ends of text.
+        tokenizer.add_special_tokens({"pad_token": PAD})
+    return tokenizer
+
+
+def build_tokenizer(model_cfg: Any, texts: Iterable[str]) -> PreTrainedTokenizerBase:
+    """The tokenizer for ``cfg.model``: loaded by name, or trained on ``texts`` from scratch."""
+    if model_cfg.name_or_path:
+        return load_tokenizer(model_cfg.name_or_path, model_cfg.trust_remote_code)
+    if model_cfg.tokenizer is None:
+        raise ValueError(
+            f"model.tokenizer is required when model.name_or_path is unset (model={model_cfg.name})"
+        )
+    return train_bpe_tokenizer(
+        texts, model_cfg.tokenizer.vocab_size, model_cfg.tokenizer.min_frequency
+    )

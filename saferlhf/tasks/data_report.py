@@ -1,0 +1,181 @@
+"""``saferlhf task=data_report``: load and validate the data, then describe it.
+
+Prints row counts per split, the harm category × severity distribution of the responses and,
+where both label sets exist for the same pairs (the embedded benchmark), how often the single
+preference label agrees with ``better`` (helpfulness) and with ``safer`` (harmlessness).
+Writes ``data_report.json`` and ``data_report.png`` into the run dir.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from saferlhf.data import benchmark, schema
+from saferlhf.data.sources import SkippedRow, load_data
+from saferlhf.data.views import QAItem, qa_items
+from saferlhf.run import RunContext, TaskResult
+
+
+def harm_distribution(items: list[QAItem]) -> dict[str, Any]:
+    """Counts of responses by safety, severity and category × severity."""
+    by_category = {name: Counter() for name in schema.HARM_CATEGORIES}
+    for item in items:
+        for name in item.categories:
+            by_category[name][item.severity] += 1
+    return {
+        "responses": len(items),
+        "unsafe": sum(not item.is_safe for item in items),
+        "severity": {
+            level: sum(item.severity == level for item in items) for level in schema.SEVERITY_LEVELS
+        },
+        "category_severity": {
+            name: {level: counts[level] for level in schema.SEVERITY_LEVELS if level > 0}
+            for name, counts in by_category.items()
+        },
+    }
+
+
+def label_agreement(dual_rows: list[dict], single_rows: list[dict]) -> dict[str, float]:
+    """Share of pairs where the single label picks the same response as better / as safer."""
+    pairs = list(zip(dual_rows, single_rows, strict=True))
+    agree_better = sum(d["better_response_id"] == s["better_response_id"] for d, s in pairs)
+    agree_safer = sum(d["safer_response_id"] == s["better_response_id"] for d, s in pairs)
+    return {
+        "single_agrees_better": agree_better / len(pairs),
+        "single_agrees_safer": agree_safer / len(pairs),
+    }
+
+
+def _benchmark_agreement(data_cfg) -> dict[str, dict[str, float]]:
+    b = data_cfg.benchmark
+    dual = benchmark.generate_benchmark(
+        b.num_train, b.num_test, b.seed, b.label_noise, b.benign_fraction
+    )
+    return {
+        split: label_agreement(
+            rows, benchmark.single_preference_rows(rows, seed=b.seed, label_noise=b.label_noise)
+        )
+        for split, rows in dual.items()
+    }
+
+
+def plot_category_severity(distribution: dict[str, Any], path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(schema.HARM_CATEGORIES)
+    fig, ax = plt.subplots(figsize=(9, 7))
+    left = [0] * len(names)
+    for level in (1, 2, 3):
+        counts = [distribution["category_severity"][name][level] for name in names]
+        ax.barh(names, counts, left=left, label=f"{level} {schema.SEVERITY_LEVELS[level]}")
+        left = [a + b for a, b in zip(left, counts, strict=True)]
+    ax.invert_yaxis()  # card order from the top
+    ax.set_xlabel("responses")
+    ax.set_title(title)
+    ax.legend(title="severity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def data_report(run: RunContext) -> TaskResult:
+    cfg = run.cfg
+    loaded = load_data(cfg.data)
+    skipped_file = loaded.write_skipped(run.run_dir)
+    report: dict[str, Any] = {"kind": loaded.kind, "splits": {}}
+    for split, ds in loaded.splits.items():
+        entry: dict[str, Any] = {"rows": len(ds)}
+        if loaded.kind != schema.SINGLE:
+            entry["harm"] = harm_distribution(qa_items(ds))
+        report["splits"][split] = entry
+    if cfg.data.source == "benchmark" and loaded.kind != schema.QA:
+        for split, agreement in _benchmark_agreement(cfg.data).items():
+            report["splits"][split]["label_agreement"] = agreement
+    report["skipped_rows"] = len(loaded.skipped)
+
+    metrics: dict[str, float] = {
+        "data/train_rows": len(loaded.splits["train"]),
+        "data/test_rows": len(loaded.splits["test"]),
+        "data/skipped_rows": len(loaded.skipped),
+    }
+    for split, entry in report["splits"].items():
+        if "harm" in entry:
+            metrics[f"data/{split}/unsafe_fraction"] = entry["harm"]["unsafe"] / max(
+                entry["harm"]["responses"], 1
+            )
+        for name, value in entry.get("label_agreement", {}).items():
+            metrics[f"data/{split}/{name}"] = value
+    run.log_metrics(metrics)
+
+    artifacts = {"data_report": str(run.run_dir / "data_report.json")}
+    (run.run_dir / "data_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if cfg.task.plot and "harm" in report["splits"]["train"]:
+        png = run.run_dir / "data_report.png"
+        plot_category_severity(
+            report["splits"]["train"]["harm"], png, f"{cfg.data.source}: train responses"
+        )
+        artifacts["data_report_plot"] = str(png)
+    if skipped_file:
+        artifacts["skipped_rows"] = str(skipped_file)
+    _print_report(report, loaded.skipped, skipped_file)
+    return TaskResult(metrics, artifacts)
+
+
+SKIPPED_SHOWN = 20  # the rest are in skipped_rows.jsonl
+
+
+def _print_report(report: dict[str, Any], skipped: list[SkippedRow], skipped_file) -> None:
+    console = Console()
+    table = Table(title=f"data report ({report['kind']} rows)")
+    for column in (
+        "split",
+        "rows",
+        "responses",
+        "unsafe",
+        "sev 1/2/3",
+        "single=better",
+        "single=safer",
+    ):
+        table.add_column(column)
+    for split, entry in report["splits"].items():
+        harm = entry.get("harm")
+        agreement = entry.get("label_agreement", {})
+        table.add_row(
+            split,
+            str(entry["rows"]),
+            str(harm["responses"]) if harm else "-",
+            str(harm["unsafe"]) if harm else "-",
+            "/".join(str(harm["severity"][level]) for level in (1, 2, 3)) if harm else "-",
+            f"{agreement['single_agrees_better']:.3f}" if agreement else "-",
+            f"{agreement['single_agrees_safer']:.3f}" if agreement else "-",
+        )
+    console.print(table)
+    harm = report["splits"]["train"].get("harm")
+    if harm:
+        categories = Table(title="train responses by harm category and severity")
+        for column in ("category", "minor", "moderate", "severe"):
+            categories.add_column(column)
+        for name, counts in harm["category_severity"].items():
+            categories.add_row(name, *(str(counts[level]) for level in (1, 2, 3)))
+        console.print(categories)
+    if skipped:
+        console.print(
+            f"[yellow]skipped {len(skipped)} invalid rows (data.on_bad_row=skip):[/yellow]"
+        )
+        for row in skipped[:SKIPPED_SHOWN]:
+            console.print(
+                f"  {row.source}, row {row.row}, field '{row.field}': {row.reason}",
+                markup=False,
+                soft_wrap=True,
+            )
+        console.print(
+            f"every skipped row with its reason: {skipped_file}", markup=False, soft_wrap=True
+        )

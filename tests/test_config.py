@@ -1,0 +1,77 @@
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from saferlhf import CONF_DIR
+
+# Each group and a key every option of it must set.
+GROUP_KEYS = {
+    "task": "name",
+    "data": "source",
+    "model": "name",
+    "trainer": "accelerator",
+    "logger": "name",
+    "preference": "name",
+}
+
+
+def _options(group):
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", GROUP_KEYS)
+def test_every_option_of_every_group_composes_and_resolves(compose_cfg, group, tmp_path):
+    options = _options(group)
+    assert options, f"conf/{group} is empty"
+    for option in options:
+        cfg = compose_cfg(f"{group}={option}", f"data.path={tmp_path}")
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        assert resolved[group][GROUP_KEYS[group]], (group, option)
+
+
+def test_defaults_are_the_offline_cpu_setting(compose_cfg):
+    cfg = compose_cfg()
+    assert (cfg.data.source, cfg.model.name, cfg.trainer.accelerator) == (
+        "benchmark",
+        "tiny",
+        "cpu",
+    )
+    assert cfg.logger.name == "wandb" and cfg.logger.offline is True
+    assert cfg.preference.name == "dual" and cfg.data.kind == "preference"
+    assert compose_cfg("preference=single").data.kind == "single"
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("data.benchmark.num_trian=10", "num_trian"),
+        ("data.nme=foo", "nme"),
+        ("data.benchmark.num_train=many", "num_train"),
+        ("trainer=tpu_pod", "tpu_pod"),
+    ],
+)
+def test_typo_in_an_override_is_an_error(compose_cfg, override, words):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_cfg(override)
+    assert words in str(info.value) or words in str(info.value.__cause__)
+
+
+def test_typo_from_the_shell_fails_with_the_key_named(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "saferlhf.cli",
+            "data.benchmark.num_trian=10",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    assert "num_trian" in result.stderr
+    assert not (tmp_path / "summary.json").exists()

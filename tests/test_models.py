@@ -1,0 +1,82 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from saferlhf.data.benchmark import generate_benchmark
+from saferlhf.models import (
+    build_causal_lm,
+    build_score_model,
+    build_tokenizer,
+    count_parameters,
+    save_artifact,
+)
+
+
+@pytest.fixture(scope="module")
+def texts():
+    rows = generate_benchmark(
+        num_train=300, num_test=10, seed=0, label_noise=0.0, benign_fraction=0.35
+    )["train"]
+    return [row["prompt"] for row in rows] + [row[f"response_{i}"] for row in rows for i in (0, 1)]
+
+
+@pytest.fixture
+def tiny(compose_cfg):
+    return compose_cfg().model
+
+
+def test_bpe_tokenizer_from_data_has_distinct_pad_and_round_trips_any_text(tiny, texts):
+    tokenizer = build_tokenizer(tiny, texts)
+    assert len(tokenizer) <= tiny.tokenizer.vocab_size
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert None not in (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    for text in (texts[0], texts[-1], "ünïcode ✓ and words never seen: zyxw"):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+    # Trained on the data, common words are single tokens.
+    sample = texts[1]
+    assert len(tokenizer(sample)["input_ids"]) <= len(sample.split()) * 2
+
+
+def test_tiny_policy_and_score_model_shapes(tiny, texts):
+    tokenizer = build_tokenizer(tiny, texts)
+    policy = build_causal_lm(tiny, tokenizer)
+    scorer = build_score_model(tiny, tokenizer)
+    assert 100_000 <= count_parameters(policy) <= 3_000_000
+    assert (
+        policy.config.hidden_size == tiny.arch.hidden_size
+        and policy.config.pad_token_id == tokenizer.pad_token_id
+    )
+    batch = tokenizer([texts[0], texts[1]], return_tensors="pt", padding=True)
+    assert policy(**batch).logits.shape == (*batch["input_ids"].shape, len(tokenizer))
+    assert scorer(**batch).logits.shape == (2, 1)
+
+
+def test_artifacts_load_with_plain_transformers_and_by_name_or_path(
+    compose_cfg, tiny, texts, tmp_path
+):
+    tokenizer = build_tokenizer(tiny, texts)
+    torch.manual_seed(0)
+    scorer = build_score_model(tiny, tokenizer).eval()
+    policy = build_causal_lm(tiny, tokenizer).eval()
+    save_artifact(scorer, tokenizer, tmp_path / "reward")
+    save_artifact(policy, tokenizer, tmp_path / "policy")
+    assert (tmp_path / "reward" / "model.safetensors").exists()
+    assert (tmp_path / "reward" / "tokenizer.json").exists()
+
+    plain_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "reward")
+    plain_scorer = AutoModelForSequenceClassification.from_pretrained(tmp_path / "reward").eval()
+    batch = plain_tokenizer(texts[:3], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(plain_scorer(**batch).logits, scorer(**batch).logits)
+
+    # A local folder goes through the same loading code as a hub id.
+    local = compose_cfg(f"model.name_or_path={tmp_path / 'policy'}").model
+    loaded_tokenizer = build_tokenizer(local, texts=[])
+    loaded_policy = build_causal_lm(local, loaded_tokenizer).eval()
+    assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert isinstance(
+        loaded_policy, type(AutoModelForCausalLM.from_pretrained(tmp_path / "policy"))
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(loaded_policy(**batch).logits, policy(**batch).logits)

@@ -1,0 +1,92 @@
+import pytest
+
+from saferlhf.data.schema import (
+    HARM_CATEGORIES,
+    PREFERENCE,
+    QA,
+    SINGLE,
+    RowError,
+    detect_kind,
+    empty_harm_categories,
+    row_problem,
+    validate_row,
+)
+from tests.rows import preference_row
+
+
+def test_categories_follow_the_card():
+    assert len(HARM_CATEGORIES) == 19
+    assert HARM_CATEGORIES[0] == "Endangering National Security"
+    assert HARM_CATEGORIES[-1] == "Animal Abuse"
+    assert len(set(HARM_CATEGORIES)) == 19
+
+
+def test_good_rows_pass():
+    assert row_problem(preference_row(), PREFERENCE) is None
+    single = {
+        k: v
+        for k, v in preference_row().items()
+        if "safe" not in k and "harm" not in k and "severity" not in k
+    }
+    assert row_problem(single, SINGLE) is None
+    qa = {
+        "prompt": "p",
+        "response": "r",
+        "is_safe": True,
+        "harm_category": empty_harm_categories(),
+        "severity_level": 0,
+    }
+    assert row_problem(qa, QA) is None
+
+
+def _without(field):
+    row = preference_row()
+    del row[field]
+    return row
+
+
+@pytest.mark.parametrize(
+    "row, field, words",
+    [
+        (_without("prompt"), "prompt", "missing"),
+        (_without("safer_response_id"), "safer_response_id", "missing"),
+        (
+            preference_row(response_0_severity_level="high"),
+            "response_0_severity_level",
+            "expected int",
+        ),
+        (preference_row(is_response_0_safe="yes"), "is_response_0_safe", "expected bool"),
+        (preference_row(better_response_id=True), "better_response_id", "expected int"),
+        (preference_row(response_1_severity_level=4), "response_1_severity_level", "0..3"),
+        (preference_row(response_0_severity_level=-1), "response_0_severity_level", "0..3"),
+        (preference_row(better_response_id=2), "better_response_id", "0 or 1"),
+        (preference_row(safer_response_id=-1), "safer_response_id", "0 or 1"),
+        (
+            preference_row(response_1_harm_category={**empty_harm_categories(), "Arson": True}),
+            "response_1_harm_category",
+            "Arson",
+        ),
+        (preference_row(safer_response_id=1), "safer_response_id", "unsafe"),
+    ],
+)
+def test_each_bad_kind_names_row_and_field(row, field, words):
+    with pytest.raises(RowError) as info:
+        validate_row(row, PREFERENCE, "data/train.jsonl", 7)
+    message = str(info.value)
+    assert info.value.field == field
+    assert "data/train.jsonl" in message and "row 7" in message and f"'{field}'" in message
+    assert words in message
+
+
+def test_safer_may_point_at_the_less_severe_of_two_unsafe_responses():
+    harmful = {**empty_harm_categories(), "Drugs": True}
+    row = preference_row(
+        is_response_0_safe=False, response_0_harm_category=harmful, response_0_severity_level=1
+    )
+    assert row_problem(row, PREFERENCE) is None
+
+
+def test_kind_is_detected_from_columns():
+    assert detect_kind(preference_row().keys()) == PREFERENCE
+    assert detect_kind(["prompt", "response_0", "response_1", "better_response_id"]) == SINGLE
+    assert detect_kind(["prompt", "response", "is_safe"]) == QA

@@ -1,0 +1,51 @@
+from saferlhf.data.schema import empty_harm_categories
+from saferlhf.data.views import preference_pairs, prompts, qa_items, qa_key, safety_pairs
+from tests.rows import preference_row
+
+
+def test_preference_pairs_follow_better():
+    rows = [preference_row(), preference_row(better_response_id=0)]
+    pairs = preference_pairs(rows)
+    assert (pairs[0].chosen, pairs[0].rejected) == ("hit them hard .", "i cannot help with that .")
+    assert (pairs[1].chosen, pairs[1].rejected) == ("i cannot help with that .", "hit them hard .")
+
+
+def test_safety_pairs_follow_safer_with_signs():
+    (pair,) = safety_pairs([preference_row()])
+    assert pair.safer == "i cannot help with that ." and pair.unsafer == "hit them hard ."
+    assert (pair.safer_sign, pair.unsafer_sign) == (-1, 1)
+    both_unsafe = preference_row(
+        is_response_0_safe=False,
+        response_0_harm_category={**empty_harm_categories(), "Drugs": True},
+        response_0_severity_level=1,
+    )
+    (pair,) = safety_pairs([both_unsafe])
+    assert (pair.safer_sign, pair.unsafer_sign) == (1, 1)
+    both_safe = preference_row(
+        is_response_1_safe=True,
+        response_1_harm_category=empty_harm_categories(),
+        response_1_severity_level=0,
+        safer_response_id=1,
+    )
+    (pair,) = safety_pairs([both_safe])
+    assert pair.safer == "hit them hard ." and (pair.safer_sign, pair.unsafer_sign) == (-1, -1)
+
+
+def test_qa_items_are_deduplicated_by_prompt_and_response():
+    rows = [preference_row(), preference_row(response_1="another answer .")]
+    items = qa_items(rows)
+    assert [item.response for item in items] == [
+        "i cannot help with that .",
+        "hit them hard .",
+        "another answer .",
+    ]
+    assert items[1].categories == ("Violence",) and items[1].severity == 2 and not items[1].is_safe
+    assert items[0].is_safe and items[0].categories == ()
+    assert qa_key("a", "bc") != qa_key("ab", "c")
+    # QA-schema rows round-trip through the same view.
+    assert qa_items([item.to_row() for item in items]) == items
+
+
+def test_prompts_are_distinct_in_order():
+    rows = [preference_row(prompt="b"), preference_row(prompt="a"), preference_row(prompt="b")]
+    assert prompts(rows) == ["b", "a"]
