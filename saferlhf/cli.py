@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from pytorch_lightning import seed_everything
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_only
 
 from saferlhf import CONF_DIR
 from saferlhf.config import register_configs
@@ -20,8 +23,8 @@ log = logging.getLogger(__name__)
 register_configs()
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
-    """Run ``cfg.task`` in ``run_dir`` and return its metrics."""
+def run(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
+    """Run ``cfg.task`` in ``run_dir`` and return its metrics (``callbacks`` join any fit)."""
     if cfg.task.name not in TASKS:
         raise ValueError(f"task.name={cfg.task.name!r}: expected one of {sorted(TASKS)}")
     seed_everything(cfg.seed, workers=True, verbose=False)
@@ -29,12 +32,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     logger = build_logger(cfg, run_dir)
     status = "failed"
     try:
-        result = TASKS[cfg.task.name](RunContext(cfg, run_dir, logger))
+        result = TASKS[cfg.task.name](RunContext(cfg, run_dir, logger, list(callbacks)))
         status = "success"
     finally:
         close_logger(logger, status)
-    summary = write_run_files(cfg, run_dir, result)
-    log.info("summary: %s", summary)
+    if rank_zero_only.rank == 0:  # under DDP every rank runs the task; one writes the summary
+        summary = write_run_files(cfg, run_dir, result)
+        log.info("summary: %s", summary)
     return result.metrics
 
 

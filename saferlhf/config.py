@@ -96,6 +96,38 @@ class DataReportTaskConfig(TaskConfig):
 
 
 @dataclass
+class ScoreTaskConfig(TaskConfig):
+    """Reward (Bradley-Terry) and cost (Safe RLHF) model training."""
+
+    batch_size: int = MISSING
+    max_epochs: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    warmup_ratio: float = MISSING
+    reg: float = MISSING  # L2 weight on the scores
+    grad_clip: float = MISSING
+    accumulate_grad_batches: int = MISSING
+    monitor: str = MISSING  # validation metric that picks the best checkpoint
+    checkpoint_every_n_steps: int = MISSING  # how often last.ckpt is refreshed mid-epoch
+
+
+@dataclass
+class EvaluateScoreTaskConfig(TaskConfig):
+    split: str = MISSING
+    batch_size: int = MISSING
+
+
+@dataclass
+class InitConfig:
+    """Artifacts of earlier stages (Hugging Face folders) that a stage starts from."""
+
+    policy: str | None = None
+    reward: str | None = None
+    cost: str | None = None
+    moderation: str | None = None
+
+
+@dataclass
 class Config:
     task: TaskConfig = MISSING
     data: DataConfig = MISSING
@@ -103,8 +135,11 @@ class Config:
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     preference: PreferenceConfig = MISSING
+    init: InitConfig = field(default_factory=InitConfig)
     experiment_name: str = MISSING
     seed: int = MISSING
+    ckpt_path: str | None = None  # resume: "last" (this run dir's checkpoints/last.ckpt) or a path
+    model_path: str | None = None  # the saved model that task=evaluate_score scores with
 
 
 def register_configs() -> None:
@@ -119,3 +154,5 @@ def register_configs() -> None:
     ):
         store.store(group=group, name="schema", node=node)
     store.store(group="task", name="data_report_schema", node=DataReportTaskConfig)
+    store.store(group="task", name="score_schema", node=ScoreTaskConfig)
+    store.store(group="task", name="evaluate_score_schema", node=EvaluateScoreTaskConfig)

@@ -10,6 +10,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class RunContext:
     cfg: DictConfig
     run_dir: Path
     logger: Logger | None
+    callbacks: list[Callback] = field(default_factory=list)  # extra Lightning callbacks for fit
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.logger is not None:
@@ -49,9 +51,9 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Logger | None:
     if logger_cfg.name == "none":
         return None
     if logger_cfg.name == "csv":
-        return CSVLogger(save_dir=run_dir, name="csv", version="")
+        return CSVLogger(save_dir=run_dir, name="csv")  # a resumed run adds version_1, ...
     if logger_cfg.name == "tensorboard":
-        return TensorBoardLogger(save_dir=run_dir, name="tensorboard", version="")
+        return TensorBoardLogger(save_dir=run_dir, name="tensorboard")
     if logger_cfg.name == "wandb":
         return WandbLogger(
             project=logger_cfg.project,

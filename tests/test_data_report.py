@@ -12,7 +12,8 @@ SMALL = ("data.benchmark.num_train=200", "data.benchmark.num_test=50")
 
 
 @pytest.mark.parametrize(
-    "logger, expected", [("csv", "csv/metrics.csv"), ("tensorboard", "tensorboard"), ("none", None)]
+    "logger, expected",
+    [("csv", "csv/version_0/metrics.csv"), ("tensorboard", "tensorboard"), ("none", None)],
 )
 def test_data_report_writes_summary_config_and_plot(compose_cfg, tmp_path, logger, expected):
     cfg = compose_cfg("task=data_report", f"logger={logger}", *SMALL)

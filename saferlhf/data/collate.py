@@ -1,0 +1,52 @@
+"""The conversation template, tokenization and padding.
+
+Safe RLHF's template: ``BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:``, then the
+response, then EOS. Every stage formats text here so prompts look the same to every model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
+
+
+def format_prompt(prompt: str) -> str:
+    return PROMPT_TEMPLATE.format(prompt=prompt)
+
+
+def format_conversation(prompt: str, response: str) -> str:
+    return f"{format_prompt(prompt)} {response}"
+
+
+def tokenize_conversations(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    max_length: int,
+) -> list[list[int]]:
+    """Token ids of each templated conversation, ending in EOS and at most ``max_length`` long.
+
+    A too-long conversation loses the end of its response, never its EOS: score models read
+    the last token.
+    """
+    texts = [format_conversation(p, r) for p, r in zip(prompts, responses, strict=True)]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [ids[: max_length - 1] + [tokenizer.eos_token_id] for ids in encoded]
+
+
+def pad_sequences(
+    sequences: Sequence[Sequence[int]], pad_token_id: int, side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to the longest sequence: ``(input_ids, attention_mask)``, each ``(batch, max_len)``."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(0, len(seq)) if side == "right" else slice(width - len(seq), width)
+        input_ids[row, span] = torch.as_tensor(seq, dtype=torch.long)
+        attention_mask[row, span] = 1
+    return input_ids, attention_mask

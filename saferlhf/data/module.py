@@ -1,0 +1,157 @@
+"""Datasets and loaders for training: tokenized pairs, a sharded sampler, a resumable loader.
+
+Two guarantees the stages rely on:
+- every example is seen exactly once per epoch across all ranks (:class:`ShardedSampler`;
+  padding slots that make ranks even carry weight 0), and
+- a checkpoint taken mid-epoch resumes at the next unseen batch (:class:`ResumableDataLoader`,
+  whose ``state_dict`` Lightning stores in its checkpoints).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from saferlhf.data.collate import pad_sequences
+
+
+class ShardedSampler(Sampler[int]):
+    """This rank's share of a seeded permutation, reshuffled every epoch.
+
+    Unlike ``DistributedSampler`` it never repeats a real example: the permutation is padded
+    to a multiple of ``world_size`` with indices ``>= num_examples``, which a
+    :class:`PairDataset` serves with weight 0.
+    """
+
+    def __init__(
+        self, num_examples: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1
+    ):
+        self.num_examples, self.shuffle, self.seed = num_examples, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.per_rank = math.ceil(num_examples / world_size)
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at each epoch start
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_examples, generator=generator).tolist()
+        else:
+            order = list(range(self.num_examples))
+        order += range(self.num_examples, self.per_rank * self.world_size)  # weight-0 padding
+        return iter(order[self.rank :: self.world_size])
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning can checkpoint mid-epoch.
+
+    Lightning saves ``state_dict()`` with every checkpoint and calls ``load_state_dict`` on
+    resume; the next iteration then skips the batches the interrupted run already trained on.
+    The sampler's order depends only on (seed, epoch), so the skipped batches are the same ones.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches_yielded = 0
+        self.resume_at = 0
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        skip, self.resume_at = self.resume_at, 0
+        for _ in range(skip):
+            next(iterator)
+        self.batches_yielded = skip
+        for batch in iterator:
+            self.batches_yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_yielded": self.batches_yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_at = state["batches_yielded"]
+
+
+@dataclass
+class TokenizedPairs:
+    """Two token sequences per example (e.g. better/worse or safer/unsafer) and per-response
+    extras: safety signs (+1 unsafe, -1 safe) and gold scores (NaN where no oracle exists)."""
+
+    first: list[list[int]]
+    second: list[list[int]]
+    first_sign: list[float]
+    second_sign: list[float]
+    first_gold: list[float]
+    second_gold: list[float]
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+
+class PairDataset(Dataset):
+    def __init__(self, pairs: TokenizedPairs):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict:
+        weight = 1.0 if index < len(self.pairs) else 0.0  # padding slot of ShardedSampler
+        i = index % len(self.pairs)
+        p = self.pairs
+        return {
+            "first": p.first[i],
+            "second": p.second[i],
+            "signs": (p.first_sign[i], p.second_sign[i]),
+            "gold": (p.first_gold[i], p.second_gold[i]),
+            "weight": weight,
+        }
+
+
+class PairCollator:
+    """Stacks a batch of pairs as ``2B`` right-padded sequences: the B firsts, then the B seconds."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
+        sequences = [item["first"] for item in items] + [item["second"] for item in items]
+        input_ids, attention_mask = pad_sequences(sequences, self.pad_token_id, side="right")
+        return {
+            "input_ids": input_ids,  # (2B, T)
+            "attention_mask": attention_mask,
+            "signs": torch.tensor([item["signs"] for item in items], dtype=torch.float).T.reshape(
+                -1
+            ),  # (2B,)
+            "gold": torch.tensor([item["gold"] for item in items], dtype=torch.float).T.reshape(
+                -1
+            ),  # (2B,)
+            "weight": torch.tensor([item["weight"] for item in items], dtype=torch.float),  # (B,)
+        }
+
+
+def pair_loader(
+    pairs: TokenizedPairs,
+    pad_token_id: int,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> ResumableDataLoader:
+    sampler = ShardedSampler(len(pairs), shuffle, seed, rank, world_size)
+    return ResumableDataLoader(
+        PairDataset(pairs),
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=PairCollator(pad_token_id),
+    )

@@ -1,0 +1,121 @@
+"""Pieces every training stage shares: model sources, the Trainer, checkpoints, gold scores."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Callback
+from transformers import PreTrainedTokenizerBase
+
+from saferlhf.data import benchmark
+from saferlhf.data.collate import format_conversation
+from saferlhf.models import build_tokenizer
+from saferlhf.run import RunContext
+
+
+def model_config(cfg: DictConfig, init_key: str | None) -> DictConfig:
+    """``cfg.model``, or the artifact named by ``cfg.init.<init_key>`` when that is set."""
+    path = cfg.init[init_key] if init_key else None
+    if not path:
+        return cfg.model
+    if not Path(path).is_dir():
+        raise FileNotFoundError(
+            f"init.{init_key}={path!r} is not a directory (expected a Hugging Face folder)"
+        )
+    return OmegaConf.merge(cfg.model, {"name_or_path": str(path)})
+
+
+def required_artifact(cfg: DictConfig, init_key: str) -> str:
+    """The path in ``cfg.init.<init_key>``; a clear error naming the key when it is unset or absent."""
+    path = cfg.init[init_key]
+    if not path:
+        raise ValueError(
+            f"this stage needs init.{init_key}=DIR (the artifacts/{init_key} folder of an earlier run)"
+        )
+    if not Path(path).is_dir():
+        raise FileNotFoundError(
+            f"init.{init_key}={path!r} is not a directory (expected a Hugging Face folder)"
+        )
+    return str(path)
+
+
+def tokenizer_for(model_cfg: DictConfig, train_rows: Any) -> PreTrainedTokenizerBase:
+    """Load the named tokenizer, or train one on the train split's templated conversations."""
+    if model_cfg.name_or_path:
+        return build_tokenizer(model_cfg, texts=[])
+    columns = train_rows.column_names
+    responses = [c for c in ("response_0", "response_1", "response") if c in columns]
+    texts = [
+        format_conversation(prompt, response)
+        for column in responses
+        for prompt, response in zip(train_rows["prompt"], train_rows[column], strict=True)
+    ]
+    return build_tokenizer(model_cfg, texts)
+
+
+def gold_scores(
+    data_cfg: DictConfig, prompts: list[str], responses: list[str], field: str
+) -> list[float]:
+    """The oracle's gold ``helpfulness`` or ``severity`` per response; NaN off the benchmark."""
+    if data_cfg.source != "benchmark":
+        return [math.nan] * len(responses)
+    scores = benchmark.Oracle().score_batch(prompts, responses)
+    return [float(getattr(score, field)) for score in scores]
+
+
+def resolve_ckpt_path(cfg: DictConfig, run_dir: Path) -> str | None:
+    """``ckpt_path=last`` means this run dir's ``checkpoints/last.ckpt`` (rerun with the same
+    ``hydra.run.dir`` to resume); any other value is a checkpoint file."""
+    if cfg.ckpt_path is None:
+        return None
+    path = run_dir / "checkpoints" / "last.ckpt" if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no checkpoint at {path}")
+    return str(path)
+
+
+def build_trainer(run: RunContext, task_cfg: DictConfig, callbacks: list[Callback]) -> pl.Trainer:
+    """A Trainer from ``cfg.trainer`` (hardware) and the task's schedule and clipping."""
+    trainer_cfg = OmegaConf.to_container(run.cfg.trainer, resolve=True)
+    return pl.Trainer(
+        **trainer_cfg,
+        max_epochs=task_cfg.max_epochs,
+        gradient_clip_val=task_cfg.grad_clip,
+        accumulate_grad_batches=task_cfg.accumulate_grad_batches,
+        default_root_dir=run.run_dir,
+        logger=run.logger if run.logger is not None else False,
+        callbacks=[*callbacks, *run.callbacks],
+        use_distributed_sampler=False,  # ShardedSampler shards without repeating examples
+    )
+
+
+def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def adamw_with_schedule(
+    module: pl.LightningModule,
+    params,
+    lr: float,
+    weight_decay: float,
+    warmup_ratio: float,
+    steps_per_epoch: int,
+) -> dict:
+    """AdamW with warmup + cosine over the whole fit, stepped every optimizer step."""
+    trainer = module.trainer
+    total = math.ceil(steps_per_epoch / trainer.accumulate_grad_batches) * trainer.max_epochs
+    warmup = max(1, int(warmup_ratio * total))
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_with_warmup(step, warmup, total)
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,272 @@
+"""``saferlhf task=reward`` and ``task=cost``: score models as Lightning modules.
+
+The reward model learns ``better_response_id`` (or the single-preference label) with the
+Bradley-Terry loss; the cost model learns ``safer_response_id`` plus the safe/unsafe sign of
+each response (Safe RLHF, arXiv 2310.12773, section 3.2). Both validate on the test split every
+epoch, keep the best checkpoint by ``task.monitor``, and export it as a Hugging Face
+``AutoModelForSequenceClassification`` folder: ``artifacts/reward`` or ``artifacts/cost``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from pytorch_lightning.callbacks import ModelCheckpoint
+from transformers import PreTrainedModel
+
+from saferlhf.data import views
+from saferlhf.data.collate import tokenize_conversations
+from saferlhf.data.module import TokenizedPairs, pair_loader
+from saferlhf.data.sources import load_data
+from saferlhf.evaluate.metrics import pairwise_accuracy, sign_accuracy, spearman
+from saferlhf.losses import bradley_terry_loss, cost_loss
+from saferlhf.models import build_score_model, save_artifact
+from saferlhf.run import RunContext, TaskResult
+from saferlhf.tasks.common import (
+    adamw_with_schedule,
+    build_trainer,
+    gold_scores,
+    model_config,
+    resolve_ckpt_path,
+    tokenizer_for,
+)
+
+# -- objectives: (first scores, second scores, signs (2B,), reg) -> loss ----------------------
+
+
+def reward_objective(
+    better: torch.Tensor, worse: torch.Tensor, signs: torch.Tensor, reg: float
+) -> torch.Tensor:
+    return bradley_terry_loss(better, worse, reg)
+
+
+def cost_objective(
+    safer: torch.Tensor, unsafer: torch.Tensor, signs: torch.Tensor, reg: float
+) -> torch.Tensor:
+    safer_signs, unsafer_signs = signs.chunk(2)
+    return cost_loss(safer, unsafer, safer_signs, unsafer_signs, reg)
+
+
+def reward_metrics(better, worse, signs, gold) -> dict[str, torch.Tensor]:
+    scores = torch.cat([better, worse])
+    metrics = {
+        "accuracy": pairwise_accuracy(better, worse),
+        "score_mean": scores.mean(),
+        "score_std": scores.std(),
+    }
+    return metrics | _gold_metric(scores, gold)
+
+
+def cost_metrics(safer, unsafer, signs, gold) -> dict[str, torch.Tensor]:
+    costs = torch.cat([safer, unsafer])
+    metrics = {
+        "accuracy": pairwise_accuracy(unsafer, safer),  # the unsafer response costs more
+        "sign_accuracy": sign_accuracy(costs, signs),
+        "score_mean": costs.mean(),
+        "score_std": costs.std(),
+    }
+    return metrics | _gold_metric(costs, gold)
+
+
+def _gold_metric(scores: torch.Tensor, gold: torch.Tensor) -> dict[str, torch.Tensor]:
+    known = ~gold.isnan()
+    return {"gold_spearman": spearman(scores[known], gold[known])} if known.any() else {}
+
+
+OBJECTIVES: dict[str, tuple[Callable, Callable]] = {
+    "reward": (reward_objective, reward_metrics),
+    "cost": (cost_objective, cost_metrics),
+}
+GOLD_FIELD = {"reward": "helpfulness", "cost": "severity"}
+
+
+class ScoreModule(pl.LightningModule):
+    """A score model (one scalar at the last non-pad token) trained on pairs of responses."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        objective: str,
+        lr: float,
+        weight_decay: float,
+        warmup_ratio: float,
+        reg: float,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.loss_fn, self.metrics_fn = OBJECTIVES[objective]
+        self._val_batches: list[dict[str, torch.Tensor]] = []
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(
+            -1
+        )  # (N,)
+
+    def _pair_scores(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self(batch["input_ids"], batch["attention_mask"]).float().chunk(2)  # (B,), (B,)
+
+    def training_step(self, batch, batch_idx):
+        first, second = self._pair_scores(batch)
+        real = batch["weight"] > 0  # ShardedSampler's padding slots carry weight 0
+        if not real.any():
+            return first.sum() * 0.0  # keep every rank's backward in step under DDP
+        signs = torch.cat([s[real] for s in batch["signs"].chunk(2)])
+        loss = self.loss_fn(first[real], second[real], signs, self.hparams.reg)
+        self.log("train/loss", loss, prog_bar=True)
+        # Summed over steps and ranks: the pairs trained on this epoch (each exactly once).
+        self.log(
+            "train/epoch_pairs",
+            real.sum().float(),
+            on_step=False,
+            on_epoch=True,
+            reduce_fx="sum",
+            sync_dist=True,
+        )
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_batches = []
+
+    def validation_step(self, batch, batch_idx):
+        first, second = self._pair_scores(batch)
+        per_pair = lambda t: torch.stack(t.chunk(2), dim=1)  # (2B,) -> (B, 2)  # noqa: E731
+        self._val_batches.append(
+            {
+                "first": first,
+                "second": second,
+                "signs": per_pair(batch["signs"]),
+                "gold": per_pair(batch["gold"]),
+                "weight": batch["weight"],
+            }
+        )
+
+    def _gathered(self, key: str) -> torch.Tensor:
+        """This epoch's values of ``key`` from every rank, ``(num_pairs, ...)``."""
+        local = torch.cat([b[key] for b in self._val_batches])
+        if self.trainer.world_size == 1:
+            return local
+        return self.all_gather(local).flatten(0, 1)  # (world, n, ...) -> (world * n, ...)
+
+    def on_validation_epoch_end(self) -> None:
+        real = self._gathered("weight") > 0
+        first, second = self._gathered("first")[real], self._gathered("second")[real]
+        signs, gold = self._gathered("signs")[real], self._gathered("gold")[real]  # (n, 2)
+        metrics = self.metrics_fn(first, second, signs.T.reshape(-1), gold.T.reshape(-1))
+        # Every rank holds the same gathered values: the sync averages identical numbers.
+        self.log_dict(
+            {f"val/{name}": value.float() for name, value in metrics.items()}, sync_dist=True
+        )
+
+    def configure_optimizers(self):
+        h = self.hparams
+        steps_per_epoch = len(self.trainer.datamodule.train_dataloader())
+        return adamw_with_schedule(
+            self, self.model.parameters(), h.lr, h.weight_decay, h.warmup_ratio, steps_per_epoch
+        )
+
+
+class PairDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        train: TokenizedPairs,
+        val: TokenizedPairs,
+        pad_token_id: int,
+        batch_size: int,
+        seed: int,
+    ):
+        super().__init__()
+        self.train, self.val = train, val
+        self.pad_token_id, self.batch_size, self.seed = pad_token_id, batch_size, seed
+
+    def _loader(self, pairs: TokenizedPairs, shuffle: bool):
+        return pair_loader(
+            pairs,
+            self.pad_token_id,
+            self.batch_size,
+            shuffle,
+            self.seed,
+            rank=self.trainer.global_rank,
+            world_size=self.trainer.world_size,
+        )
+
+    def train_dataloader(self):
+        return self._loader(self.train, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val, shuffle=False)
+
+
+def tokenized_pairs(cfg: DictConfig, objective: str, rows, tokenizer) -> TokenizedPairs:
+    """Tokenize the view a stage learns from: preference pairs (reward) or safety pairs (cost)."""
+    max_length = cfg.model.max_length
+    if objective == "reward":
+        pairs = views.preference_pairs(rows)
+        firsts, seconds = [p.chosen for p in pairs], [p.rejected for p in pairs]
+        first_sign = second_sign = [math.nan] * len(pairs)
+    else:
+        pairs = views.safety_pairs(rows)
+        firsts, seconds = [p.safer for p in pairs], [p.unsafer for p in pairs]
+        first_sign, second_sign = (
+            [float(p.safer_sign) for p in pairs],
+            [float(p.unsafer_sign) for p in pairs],
+        )
+    prompts = [p.prompt for p in pairs]
+    field = GOLD_FIELD[objective]
+    return TokenizedPairs(
+        first=tokenize_conversations(tokenizer, prompts, firsts, max_length),
+        second=tokenize_conversations(tokenizer, prompts, seconds, max_length),
+        first_sign=first_sign,
+        second_sign=second_sign,
+        first_gold=gold_scores(cfg.data, prompts, firsts, field),
+        second_gold=gold_scores(cfg.data, prompts, seconds, field),
+    )
+
+
+def score_task(run: RunContext) -> TaskResult:
+    cfg, objective = run.cfg, run.cfg.task.name
+    if objective == "cost" and not cfg.preference.use_cost:
+        raise ValueError(
+            "task=cost needs dual-preference data (safer_response_id); got preference=single"
+        )
+    loaded = load_data(cfg.data)
+    if loaded.kind == "qa" or (objective == "cost" and loaded.kind == "single"):
+        raise ValueError(f"task={objective} cannot learn from data.kind={loaded.kind} rows")
+    loaded.write_skipped(run.run_dir)
+
+    model_cfg = model_config(cfg, "policy")  # Safe RLHF starts score models from the SFT policy
+    tokenizer = tokenizer_for(model_cfg, loaded.splits["train"])
+    model = build_score_model(model_cfg, tokenizer)
+    model.config.score_type = objective  # travels in config.json; evaluate_score reads it
+    train = tokenized_pairs(cfg, objective, loaded.splits["train"], tokenizer)
+    val = tokenized_pairs(cfg, objective, loaded.splits["test"], tokenizer)
+
+    task = cfg.task
+    module = ScoreModule(model, objective, task.lr, task.weight_decay, task.warmup_ratio, task.reg)
+    data = PairDataModule(train, val, tokenizer.pad_token_id, task.batch_size, cfg.seed)
+    checkpoints = run.run_dir / "checkpoints"
+    best = ModelCheckpoint(dirpath=checkpoints, filename="best", monitor=task.monitor, mode="max")
+    last = ModelCheckpoint(
+        dirpath=checkpoints,
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=task.checkpoint_every_n_steps,
+    )
+    trainer = build_trainer(run, task, [best, last])
+    trainer.fit(module, datamodule=data, ckpt_path=resolve_ckpt_path(cfg, run.run_dir))
+
+    (metrics,) = trainer.validate(
+        module, datamodule=data, ckpt_path=best.best_model_path, verbose=False
+    )
+    artifact = Path(run.run_dir) / "artifacts" / objective
+    if trainer.is_global_zero:
+        save_artifact(module.model, tokenizer, artifact)
+    return TaskResult(
+        metrics={name: float(value) for name, value in metrics.items()},
+        artifacts={objective: str(artifact), "checkpoint": best.best_model_path},
+    )
