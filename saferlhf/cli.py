@@ -16,7 +16,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from saferlhf import CONF_DIR
 from saferlhf.config import register_configs
 from saferlhf.run import RunContext, build_logger, close_logger, write_run_files
-from saferlhf.tasks import TASKS
+from saferlhf.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +25,13 @@ register_configs()
 
 def run(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
     """Run ``cfg.task`` in ``run_dir`` and return its metrics (``callbacks`` join any fit)."""
-    if cfg.task.name not in TASKS:
-        raise ValueError(f"task.name={cfg.task.name!r}: expected one of {sorted(TASKS)}")
+    task = get_task(cfg.task.name)
     seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = build_logger(cfg, run_dir)
     status = "failed"
     try:
-        result = TASKS[cfg.task.name](RunContext(cfg, run_dir, logger, list(callbacks)))
+        result = task(RunContext(cfg, run_dir, logger, list(callbacks)))
         status = "success"
     finally:
         close_logger(logger, status)

@@ -118,6 +118,23 @@ class EvaluateScoreTaskConfig(TaskConfig):
 
 
 @dataclass
+class ModerationTaskConfig(TaskConfig):
+    """Severity-sensitive moderation: 19 category logits and a 4-way severity head."""
+
+    batch_size: int = MISSING
+    max_epochs: int = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    warmup_ratio: float = MISSING
+    grad_clip: float = MISSING
+    accumulate_grad_batches: int = MISSING
+    monitor: str = MISSING
+    checkpoint_every_n_steps: int = MISSING
+    class_balance: str = MISSING  # none | balanced: reweight rare categories and severities
+    val_fraction: float = MISSING  # share of train held out to choose thresholds
+
+
+@dataclass
 class InitConfig:
     """Artifacts of earlier stages (Hugging Face folders) that a stage starts from."""
 
@@ -156,3 +173,4 @@ def register_configs() -> None:
     store.store(group="task", name="data_report_schema", node=DataReportTaskConfig)
     store.store(group="task", name="score_schema", node=ScoreTaskConfig)
     store.store(group="task", name="evaluate_score_schema", node=EvaluateScoreTaskConfig)
+    store.store(group="task", name="moderation_schema", node=ModerationTaskConfig)

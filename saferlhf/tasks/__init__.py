@@ -1,12 +1,24 @@
-"""One entry per ``task.name``: a function from the run context to a :class:`TaskResult`."""
+"""One entry per ``task.name``: where its function lives (imported on use, so a data report
+does not pay for importing the RL stack)."""
 
-from saferlhf.tasks.data_report import data_report
-from saferlhf.tasks.evaluate_score import evaluate_score
-from saferlhf.tasks.score import score_task
+from __future__ import annotations
 
-TASKS = {
-    "data_report": data_report,
-    "reward": score_task,
-    "cost": score_task,
-    "evaluate_score": evaluate_score,
+from collections.abc import Callable
+from importlib import import_module
+
+from saferlhf.run import RunContext, TaskResult
+
+TASKS: dict[str, str] = {
+    "data_report": "saferlhf.tasks.data_report:data_report",
+    "reward": "saferlhf.tasks.score:score_task",
+    "cost": "saferlhf.tasks.score:score_task",
+    "evaluate_score": "saferlhf.tasks.evaluate_score:evaluate_score",
+    "moderation": "saferlhf.tasks.moderation:moderation_task",
 }
+
+
+def get_task(name: str) -> Callable[[RunContext], TaskResult]:
+    if name not in TASKS:
+        raise ValueError(f"task.name={name!r}: expected one of {sorted(TASKS)}")
+    module, function = TASKS[name].split(":")
+    return getattr(import_module(module), function)
