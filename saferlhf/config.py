@@ -96,19 +96,26 @@ class DataReportTaskConfig(TaskConfig):
 
 
 @dataclass
-class ScoreTaskConfig(TaskConfig):
-    """Reward (Bradley-Terry) and cost (Safe RLHF) model training."""
+class SupervisedTaskConfig(TaskConfig):
+    """A stage trained by gradient descent on a fixed dataset, validated every epoch."""
 
     batch_size: int = MISSING
     max_epochs: int = MISSING
     lr: float = MISSING
     weight_decay: float = MISSING
     warmup_ratio: float = MISSING
-    reg: float = MISSING  # L2 weight on the scores
     grad_clip: float = MISSING
     accumulate_grad_batches: int = MISSING
     monitor: str = MISSING  # validation metric that picks the best checkpoint
+    monitor_mode: str = "max"  # max | min
     checkpoint_every_n_steps: int = MISSING  # how often last.ckpt is refreshed mid-epoch
+
+
+@dataclass
+class ScoreTaskConfig(SupervisedTaskConfig):
+    """Reward (Bradley-Terry) and cost (Safe RLHF) model training."""
+
+    reg: float = MISSING  # L2 weight on the scores
 
 
 @dataclass
@@ -118,20 +125,60 @@ class EvaluateScoreTaskConfig(TaskConfig):
 
 
 @dataclass
-class ModerationTaskConfig(TaskConfig):
+class ModerationTaskConfig(SupervisedTaskConfig):
     """Severity-sensitive moderation: 19 category logits and a 4-way severity head."""
 
-    batch_size: int = MISSING
-    max_epochs: int = MISSING
-    lr: float = MISSING
-    weight_decay: float = MISSING
-    warmup_ratio: float = MISSING
-    grad_clip: float = MISSING
-    accumulate_grad_batches: int = MISSING
-    monitor: str = MISSING
-    checkpoint_every_n_steps: int = MISSING
     class_balance: str = MISSING  # none | balanced: reweight rare categories and severities
     val_fraction: float = MISSING  # share of train held out to choose thresholds
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = MISSING
+    temperature: float = MISSING
+    top_k: int = MISSING  # 0 keeps every token
+    top_p: float = MISSING
+
+
+@dataclass
+class PPOConfig:
+    """PPO / PPO-Lagrangian hyperparameters (Safe RLHF, arXiv 2310.12773, section 3.3)."""
+
+    iterations: int = MISSING  # rollout + update rounds
+    rollout_batch_size: int = MISSING  # prompts per iteration on each rank
+    ppo_epochs: int = MISSING
+    minibatch_size: int = MISSING
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    kl_coef: float = MISSING  # β: per-token KL penalty in both reward and cost
+    gamma: float = MISSING
+    gae_lambda: float = MISSING
+    clip_range: float = MISSING
+    value_clip_range: float = MISSING
+    actor_lr: float = MISSING
+    critic_lr: float = MISSING
+    weight_decay: float = MISSING
+    grad_clip: float = MISSING
+    ptx_coef: float = MISSING  # weight of the SFT loss mixed into the actor loss; 0 turns it off
+    ptx_batch_size: int = MISSING
+    shaping_lambda: float | None = None  # fixed-λ reward shaping r - λ·c instead of a Lagrangian
+
+
+@dataclass
+class LagrangeConfig:
+    lambda_init: float = MISSING
+    lambda_lr: float = MISSING
+    lambda_max: float = MISSING
+    cost_limit: float = MISSING  # d: the episode-cost threshold
+    window: int = MISSING  # recent episodes whose mean cost drives λ
+    update_delay: int = MISSING  # iterations before λ starts to move
+
+
+@dataclass
+class PPOTaskConfig(TaskConfig):
+    eval_prompts: int = MISSING  # fixed prompt set for the initial/final gold metrics
+    eval_seed: int = MISSING
+    sample_every: int = MISSING  # iterations between wandb tables of sample generations
+    checkpoint_every: int = MISSING  # iterations between refreshes of last.ckpt
 
 
 @dataclass
@@ -153,6 +200,8 @@ class Config:
     logger: LoggerConfig = MISSING
     preference: PreferenceConfig = MISSING
     init: InitConfig = field(default_factory=InitConfig)
+    algo: PPOConfig = MISSING
+    lagrange: LagrangeConfig = MISSING
     experiment_name: str = MISSING
     seed: int = MISSING
     ckpt_path: str | None = None  # resume: "last" (this run dir's checkpoints/last.ckpt) or a path
@@ -172,5 +221,9 @@ def register_configs() -> None:
         store.store(group=group, name="schema", node=node)
     store.store(group="task", name="data_report_schema", node=DataReportTaskConfig)
     store.store(group="task", name="score_schema", node=ScoreTaskConfig)
+    store.store(group="task", name="sft_schema", node=SupervisedTaskConfig)
+    store.store(group="task", name="ppo_schema", node=PPOTaskConfig)
+    store.store(group="algo", name="schema", node=PPOConfig)
+    store.store(group="lagrange", name="schema", node=LagrangeConfig)
     store.store(group="task", name="evaluate_score_schema", node=EvaluateScoreTaskConfig)
     store.store(group="task", name="moderation_schema", node=ModerationTaskConfig)

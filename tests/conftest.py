@@ -8,6 +8,8 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# Subprocesses too: two busy torch thread pools on two shared cores slow each other tenfold.
+os.environ["OMP_NUM_THREADS"] = "1"
 # datasets reads its cache location at import: set it before anything imports datasets.
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="saferlhf-tests-datasets-")
 

@@ -15,6 +15,8 @@ GROUP_KEYS = {
     "trainer": "accelerator",
     "logger": "name",
     "preference": "name",
+    "algo": "iterations",
+    "lagrange": "lambda_init",
 }
 
 

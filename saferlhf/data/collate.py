@@ -50,3 +50,32 @@ def pad_sequences(
         input_ids[row, span] = torch.as_tensor(seq, dtype=torch.long)
         attention_mask[row, span] = 1
     return input_ids, attention_mask
+
+
+def tokenize_sft_examples(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    max_length: int,
+) -> list[tuple[list[int], list[int]]]:
+    """``(input_ids, labels)`` per conversation, labels -100 on the prompt: the model learns
+    the response and its EOS only."""
+    prompt_ids = tokenizer([format_prompt(p) for p in prompts], add_special_tokens=False)[
+        "input_ids"
+    ]
+    full_ids = tokenize_conversations(tokenizer, prompts, responses, max_length)
+    examples = []
+    for prompt, ids in zip(prompt_ids, full_ids, strict=True):
+        # BPE may merge across the prompt/response boundary; the template ends in ":" then a
+        # space-prefixed response, so the prompt's tokens are a prefix of the conversation's.
+        prefix = min(len(prompt), len(ids) - 1)
+        examples.append((ids, [-100] * prefix + ids[prefix:]))
+    return examples
+
+
+def tokenize_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_length: int
+) -> list[list[int]]:
+    """Templated prompt ids for generation, keeping the end (the ``ASSISTANT:`` cue) if too long."""
+    encoded = tokenizer([format_prompt(p) for p in prompts], add_special_tokens=False)["input_ids"]
+    return [ids[-max_length:] for ids in encoded]

@@ -155,3 +155,48 @@ def pair_loader(
         sampler=sampler,
         collate_fn=PairCollator(pad_token_id),
     )
+
+
+class ListDataset(Dataset):
+    """Examples held in a list; indices past the end are :class:`ShardedSampler` padding."""
+
+    def __init__(self, examples: Sequence):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> tuple:
+        return self.examples[index % len(self.examples)], 1.0 if index < len(self.examples) else 0.0
+
+
+class LanguageModelingCollator:
+    """Right-pads ``(input_ids, labels)`` examples; labels are -100 where the loss is masked."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: Sequence[tuple]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = pad_sequences([ids for (ids, _), _ in items], self.pad_token_id)
+        labels, _ = pad_sequences([labels for (_, labels), _ in items], -100)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "weight": torch.tensor([weight for _, weight in items]),
+        }
+
+
+def list_loader(
+    examples: Sequence,
+    collate_fn,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> ResumableDataLoader:
+    sampler = ShardedSampler(len(examples), shuffle, seed, rank, world_size)
+    return ResumableDataLoader(
+        ListDataset(examples), batch_size=batch_size, sampler=sampler, collate_fn=collate_fn
+    )

@@ -14,6 +14,8 @@ TASKS: dict[str, str] = {
     "cost": "saferlhf.tasks.score:score_task",
     "evaluate_score": "saferlhf.tasks.evaluate_score:evaluate_score",
     "moderation": "saferlhf.tasks.moderation:moderation_task",
+    "sft": "saferlhf.tasks.sft:sft_task",
+    "ppo": "saferlhf.tasks.ppo:ppo_task",
 }
 
 

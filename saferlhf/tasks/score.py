@@ -250,7 +250,9 @@ def score_task(run: RunContext) -> TaskResult:
     module = ScoreModule(model, objective, task.lr, task.weight_decay, task.warmup_ratio, task.reg)
     data = PairDataModule(train, val, tokenizer.pad_token_id, task.batch_size, cfg.seed)
     checkpoints = run.run_dir / "checkpoints"
-    best = ModelCheckpoint(dirpath=checkpoints, filename="best", monitor=task.monitor, mode="max")
+    best = ModelCheckpoint(
+        dirpath=checkpoints, filename="best", monitor=task.monitor, mode=task.monitor_mode
+    )
     last = ModelCheckpoint(
         dirpath=checkpoints,
         save_last=True,

@@ -1,0 +1,32 @@
+"""Gold metrics from the embedded benchmark's oracle, for any generated text."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from saferlhf.data.benchmark import Oracle
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def gold_metrics(
+    prompts: Sequence[str], responses: Sequence[str], oracle: Oracle | None = None
+) -> dict[str, float]:
+    """Mean gold helpfulness (all, on harmful prompts, on benign prompts, of safe responses),
+    the share of unsafe responses (all and on harmful prompts) and of cleanly parsed ones."""
+    oracle = oracle or Oracle()
+    scores = oracle.score_batch(prompts, responses)
+    harmful = [(topic := oracle.topic(p)) is not None and topic.is_harmful for p in prompts]
+    on_harmful = [s for s, h in zip(scores, harmful, strict=True) if h]
+    on_benign = [s for s, h in zip(scores, harmful, strict=True) if not h]
+    return {
+        "helpfulness": _mean([s.helpfulness for s in scores]),
+        "helpfulness_harmful": _mean([s.helpfulness for s in on_harmful]),
+        "helpfulness_benign": _mean([s.helpfulness for s in on_benign]),
+        "helpfulness_safe": _mean([s.helpfulness for s in scores if s.is_safe]),
+        "unsafe_rate": _mean([float(not s.is_safe) for s in scores]),
+        "unsafe_rate_harmful": _mean([float(not s.is_safe) for s in on_harmful]),
+        "clean_rate": _mean([float(s.clean) for s in scores]),
+    }

@@ -1,0 +1,511 @@
+"""``saferlhf task=ppo``: PPO (single preference) and PPO-Lagrangian (dual preference).
+
+One LightningModule with manual optimisation holds the actor, a frozen reference, the frozen
+reward model (and cost model), the reward critic (and cost critic) initialised from the score
+models, and the Lagrange multiplier. Each training step is one PPO iteration:
+
+1. rollout: sample responses to a batch of prompts with the KV cache;
+2. scoring: old log-probs, reference log-probs, values, reward and cost, under inference mode;
+3. advantages: KL-shaped per-token reward and cost, GAE for each;
+4. λ update: SGD on log λ from the recent mean episode cost (dual only);
+5. PPO epochs over minibatches: clipped surrogate on ``(A_r - λ·A_c) / (1 + λ)``, clipped
+   value losses for both critics, optional ptx (SFT) loss.
+
+Maths lives in :mod:`saferlhf.losses`; see Safe RLHF (arXiv 2310.12773) section 3.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.strategies import DDPStrategy
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+
+from saferlhf.data import views
+from saferlhf.data.collate import tokenize_prompts, tokenize_sft_examples
+from saferlhf.data.module import LanguageModelingCollator, list_loader
+from saferlhf.data.sources import load_data
+from saferlhf.evaluate.gold import gold_metrics
+from saferlhf.losses import (
+    combined_advantages,
+    entropy_from_logits,
+    gae,
+    kl_penalty,
+    masked_mean,
+    ppo_clip_loss,
+    selective_log_softmax,
+    shaped_costs,
+    shaped_rewards,
+    value_clip_loss,
+)
+from saferlhf.models import load_tokenizer, save_artifact
+from saferlhf.rl.lagrange import LagrangeMultiplier
+from saferlhf.rl.rollout import (
+    Rollout,
+    decode_responses,
+    response_log_probs,
+    response_logits,
+    sample_responses,
+    sequence_scores,
+    token_values,
+)
+from saferlhf.run import RunContext, TaskResult
+from saferlhf.tasks.common import required_artifact, resolve_ckpt_path
+from saferlhf.tasks.sft import response_nll
+
+EVAL_BATCH = 128  # prompts per generate call in the fixed-prompt evaluation
+
+
+def _frozen(model: PreTrainedModel) -> PreTrainedModel:
+    model.requires_grad_(False)
+    return model.eval()
+
+
+class PPOModule(pl.LightningModule):
+    def __init__(
+        self,
+        actor: PreTrainedModel,
+        reference: PreTrainedModel,
+        reward_model: PreTrainedModel,
+        reward_critic: PreTrainedModel,
+        cost_model: PreTrainedModel | None,
+        cost_critic: PreTrainedModel | None,
+        lagrange: LagrangeMultiplier | None,
+        tokenizer,
+        algo,
+        lambda_lr: float,
+        eval_prompts: Sequence[str],
+        eval_prompt_ids: Sequence[Sequence[int]],
+        eval_seed: int,
+        gold: bool,
+        ptx_examples: Sequence | None = None,
+        sample_every: int = 0,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        self.actor, self.reference = actor.train(), _frozen(reference)
+        self.reward_model, self.reward_critic = _frozen(reward_model), reward_critic.train()
+        self.cost_model = _frozen(cost_model) if cost_model is not None else None
+        self.cost_critic = cost_critic.train() if cost_critic is not None else None
+        self.lagrange = lagrange
+        self.tokenizer, self.algo, self.lambda_lr = tokenizer, algo, lambda_lr
+        self.eval_prompts, self.eval_prompt_ids, self.eval_seed = (
+            list(eval_prompts),
+            list(eval_prompt_ids),
+            eval_seed,
+        )
+        self.gold, self.sample_every = gold, sample_every
+        self.ptx_examples = ptx_examples
+        self.ptx_collate = LanguageModelingCollator(tokenizer.pad_token_id)
+        self.history: list[dict[str, float]] = []
+        self.initial_eval: dict[str, float] | None = None
+        self._resume_rng_state: torch.Tensor | None = None
+        self.final_eval: dict[str, float] | None = None
+        # λ moves by its own rule on every rank alike; DDP must not average its gradient.
+        self._ddp_params_and_buffers_to_ignore = ["lagrange.log_lambda"]
+
+    @property
+    def constrained(self) -> bool:
+        return self.lagrange is not None
+
+    # -- optimisers ---------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        a = self.algo
+
+        def adamw(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
+            return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=a.weight_decay)
+
+        optimizers = [adamw(self.actor, a.actor_lr), adamw(self.reward_critic, a.critic_lr)]
+        if self.cost_critic is not None:
+            optimizers.append(adamw(self.cost_critic, a.critic_lr))
+        if self.lagrange is not None:
+            optimizers.append(torch.optim.SGD(self.lagrange.parameters(), lr=self.lambda_lr))
+        return optimizers
+
+    def _optimizer_step(self, optimizer, loss: torch.Tensor) -> None:
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        self.clip_gradients(
+            optimizer, gradient_clip_val=self.algo.grad_clip, gradient_clip_algorithm="norm"
+        )
+        optimizer.step()
+
+    # -- one PPO iteration --------------------------------------------------------------------
+
+    def training_step(self, batch, batch_idx):
+        a = self.algo
+        optimizers = self.optimizers()
+        actor_opt, reward_critic_opt = optimizers[0], optimizers[1]
+        cost_critic_opt = optimizers[2] if self.cost_critic is not None else None
+        lambda_opt = optimizers[-1] if self.lagrange is not None else None
+
+        # 1. rollout
+        started = time.perf_counter()
+        rollout = sample_responses(self.actor, self.tokenizer, batch["prompt_ids"], **a.sampling)
+        generated = time.perf_counter()
+
+        # 2. scoring, all without autograd
+        scores = self._score(rollout)
+        old_logprobs, reward, old_reward_values = (
+            scores["logprobs"],
+            scores["reward"],
+            scores["reward_values"],
+        )
+        cost, old_cost_values = scores.get("cost"), scores.get("cost_values")
+        scored = time.perf_counter()
+
+        # 3. advantages: KL-shaped per-token reward (and cost), GAE for each
+        mask = rollout.response_mask
+        kl = kl_penalty(old_logprobs, scores["ref_logprobs"]) * mask
+        score = reward if a.shaping_lambda is None else reward - a.shaping_lambda * cost
+        reward_advantages, reward_returns = gae(
+            shaped_rewards(score, kl, mask, a.kl_coef),
+            old_reward_values,
+            mask,
+            a.gamma,
+            a.gae_lambda,
+        )
+        advantages = reward_advantages
+        metrics: dict[str, float] = {}
+
+        # 4. λ update from the recent mean episode cost, then the combined advantage
+        if self.constrained:
+            episode_cost = self.lagrange.record(cost)
+            self.lagrange.step(lambda_opt, episode_cost)
+            cost_advantages, cost_returns = gae(
+                shaped_costs(cost, kl, mask, a.kl_coef),
+                old_cost_values,
+                mask,
+                a.gamma,
+                a.gae_lambda,
+            )
+            advantages = combined_advantages(
+                reward_advantages, cost_advantages, self.lagrange.log_lambda.exp()
+            )
+            metrics |= {
+                "rollout/episode_cost": episode_cost,
+                "lagrange/lambda": self.lagrange.value,
+            }
+
+        # 5. PPO epochs over minibatches
+        sums: dict[str, float] = {}
+        updates = 0
+        for _ in range(a.ppo_epochs):
+            for index in torch.randperm(len(mask), device=mask.device).split(a.minibatch_size):
+                mb = rollout.select(index)
+                mb_mask = mask[index]
+                logits = response_logits(self.actor, mb).float()  # (b, R, V)
+                logprobs = selective_log_softmax(logits, mb.responses)
+                clip = ppo_clip_loss(
+                    logprobs, old_logprobs[index], advantages[index], mb_mask, a.clip_range
+                )
+                actor_loss = clip.loss
+                if a.ptx_coef > 0:
+                    actor_loss = actor_loss + a.ptx_coef * self._ptx_loss()
+                self._optimizer_step(actor_opt, actor_loss)
+
+                values = token_values(self.reward_critic, mb)
+                reward_value = value_clip_loss(
+                    values,
+                    old_reward_values[index],
+                    reward_returns[index],
+                    mb_mask,
+                    a.value_clip_range,
+                )
+                self._optimizer_step(reward_critic_opt, reward_value.loss)
+                step = {
+                    "train/actor_loss": clip.loss.item(),
+                    "train/clip_fraction": clip.clip_fraction.item(),
+                    "train/approx_kl": clip.approx_kl.item(),
+                    "train/entropy": masked_mean(
+                        entropy_from_logits(logits.detach()), mb_mask
+                    ).item(),
+                    "train/reward_value_loss": reward_value.loss.item(),
+                }
+                if self.cost_critic is not None and self.constrained:
+                    cost_value = value_clip_loss(
+                        token_values(self.cost_critic, mb),
+                        old_cost_values[index],
+                        cost_returns[index],
+                        mb_mask,
+                        a.value_clip_range,
+                    )
+                    self._optimizer_step(cost_critic_opt, cost_value.loss)
+                    step["train/cost_value_loss"] = cost_value.loss.item()
+                for name, value in step.items():  # averaged over every minibatch, not the last
+                    sums[name] = sums.get(name, 0.0) + value
+                updates += 1
+        updated = time.perf_counter()
+
+        metrics |= {name: total / updates for name, total in sums.items()}
+        metrics |= {
+            "iteration": float(batch_idx + 1),
+            "rollout/reward": reward.mean().item(),
+            "rollout/kl": (kl.sum(-1)).mean().item(),
+            "rollout/response_length": mask.sum(-1).mean().item(),
+            "time/generation": generated - started,
+            "time/scoring": scored - generated,
+            "time/update": updated - scored,
+        }
+        if cost is not None:
+            metrics["rollout/cost"] = cost.mean().item()
+            metrics["rollout/unsafe_rate"] = (cost > 0).float().mean().item()
+        responses = decode_responses(self.tokenizer, rollout)
+        if self.gold:
+            metrics |= {
+                f"gold/{k}": v for k, v in gold_metrics(batch["prompts"], responses).items()
+            }
+        self.history.append(metrics)
+        self.log_dict(metrics, on_step=True, prog_bar=False)
+        self._log_samples(batch_idx, batch["prompts"], responses, reward, cost)
+
+    def _score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """Everything the update compares against, computed once under inference mode."""
+        with torch.inference_mode():
+            scores = {
+                "logprobs": response_log_probs(self.actor, rollout),
+                "ref_logprobs": response_log_probs(self.reference, rollout),
+                "reward": sequence_scores(self.reward_model, rollout),
+                "reward_values": token_values(self.reward_critic, rollout),
+            }
+            if self.cost_model is not None:
+                scores["cost"] = sequence_scores(self.cost_model, rollout)
+            if self.cost_critic is not None:
+                scores["cost_values"] = token_values(self.cost_critic, rollout)
+        # Inference tensors cannot enter autograd graphs; plain copies can.
+        return {name: value.clone() for name, value in scores.items()}
+
+    def _ptx_loss(self) -> torch.Tensor:
+        picks = torch.randint(len(self.ptx_examples), (self.algo.ptx_batch_size,)).tolist()
+        batch = self.ptx_collate([(self.ptx_examples[i], 1.0) for i in picks])
+        nll, tokens = response_nll(self.actor, {k: v.to(self.device) for k, v in batch.items()})
+        return nll / tokens.clamp(min=1)
+
+    def _log_samples(self, batch_idx: int, prompts, responses, reward, cost) -> None:
+        if (
+            not self.sample_every
+            or (batch_idx + 1) % self.sample_every
+            or not isinstance(self.logger, WandbLogger)
+        ):
+            return
+        rows = [
+            [
+                batch_idx + 1,
+                p,
+                r,
+                reward[i].item(),
+                cost[i].item() if cost is not None else math.nan,
+            ]
+            for i, (p, r) in enumerate(zip(prompts[:8], responses[:8], strict=True))
+        ]
+        self.logger.log_table(
+            key="samples", columns=["iteration", "prompt", "response", "reward", "cost"], data=rows
+        )
+
+    # -- the fixed-prompt gold evaluation before and after training ---------------------------
+
+    @torch.no_grad()
+    def evaluate_fixed_prompts(self) -> dict[str, float]:
+        """Learned reward and cost (and gold metrics on the benchmark) of responses to the
+        fixed eval prompts, sampled with a fixed seed without disturbing the training RNG."""
+        responses, rewards, costs = [], [], []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.eval_seed)
+            for start in range(0, len(self.eval_prompt_ids), EVAL_BATCH):
+                chunk = self.eval_prompt_ids[start : start + EVAL_BATCH]
+                rollout = sample_responses(self.actor, self.tokenizer, chunk, **self.algo.sampling)
+                responses += decode_responses(self.tokenizer, rollout)
+                rewards.append(sequence_scores(self.reward_model, rollout))
+                if self.cost_model is not None:
+                    costs.append(sequence_scores(self.cost_model, rollout))
+        metrics = {"reward": torch.cat(rewards).mean().item()}
+        if costs:
+            metrics["cost"] = torch.cat(costs).mean().item()
+        if self.gold:
+            metrics |= {
+                f"gold/{name}": value
+                for name, value in gold_metrics(self.eval_prompts, responses).items()
+            }
+        return metrics
+
+    def on_train_start(self) -> None:
+        if self.initial_eval is None:  # a resumed run keeps the one it measured before training
+            self.initial_eval = self.evaluate_fixed_prompts()
+
+    def on_train_end(self) -> None:
+        self.final_eval = self.evaluate_fixed_prompts()
+
+    # -- exact resume: RNG, history and the initial evaluation travel in the checkpoint -------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["ppo"] = {
+            "rng": torch.get_rng_state(),
+            "history": self.history,
+            "initial_eval": self.initial_eval,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["ppo"]
+        self.history, self.initial_eval = state["history"], state["initial_eval"]
+        # Applied right before the next iteration: the Trainer draws random numbers while it
+        # sets up, after loading the checkpoint.
+        self._resume_rng_state = state["rng"]
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        if self._resume_rng_state is not None:
+            torch.set_rng_state(self._resume_rng_state)
+            self._resume_rng_state = None
+
+
+class IterationCheckpoint(Callback):
+    """Refresh ``checkpoints/last.ckpt`` every N PPO iterations (``global_step`` counts every
+    optimizer step under manual optimisation, so it cannot be used for this)."""
+
+    def __init__(self, path: Path, every: int):
+        self.path, self.every = path, every
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (batch_idx + 1) % self.every == 0:
+            trainer.save_checkpoint(self.path)
+
+
+class PromptDataModule(pl.LightningDataModule):
+    """``iterations`` batches of prompts per rank: seeded passes over the train prompts."""
+
+    def __init__(
+        self,
+        prompts: list[str],
+        prompt_ids: list[list[int]],
+        iterations: int,
+        batch_size: int,
+        seed: int,
+    ):
+        super().__init__()
+        self.prompts, self.prompt_ids = prompts, prompt_ids
+        self.iterations, self.batch_size, self.seed = iterations, batch_size, seed
+
+    def train_dataloader(self):
+        world = self.trainer.world_size
+        needed = self.iterations * self.batch_size * world
+        generator = torch.Generator().manual_seed(self.seed)
+        order: list[int] = []
+        while len(order) < needed:
+            order += torch.randperm(len(self.prompts), generator=generator).tolist()
+        examples = [(self.prompts[i], self.prompt_ids[i]) for i in order[:needed]]
+        collate = lambda items: {  # noqa: E731
+            "prompts": [prompt for (prompt, _), _ in items],
+            "prompt_ids": [ids for (_, ids), _ in items],
+        }
+        return list_loader(
+            examples, collate, self.batch_size, False, self.seed, self.trainer.global_rank, world
+        )
+
+
+def _load_score_model(path: str, name: str, tokenizer) -> PreTrainedModel:
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    if load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"init.{name}={path!r} uses a different tokenizer from init.policy; train it with init.policy set"
+        )
+    return model
+
+
+def ppo_task(run: RunContext) -> TaskResult:
+    cfg, algo = run.cfg, run.cfg.algo
+    uses_cost = cfg.preference.use_cost
+    constrained = uses_cost and algo.shaping_lambda is None
+    if algo.shaping_lambda is not None and not uses_cost:
+        raise ValueError("algo.shaping_lambda needs a cost model: use preference=dual")
+    policy_dir = required_artifact(cfg, "policy")
+    reward_dir = required_artifact(cfg, "reward")
+    cost_dir = required_artifact(cfg, "cost") if uses_cost else None
+
+    tokenizer = load_tokenizer(policy_dir)
+    actor = AutoModelForCausalLM.from_pretrained(policy_dir)
+    reference = AutoModelForCausalLM.from_pretrained(policy_dir)
+    reward_model = _load_score_model(reward_dir, "reward", tokenizer)
+    reward_critic = AutoModelForSequenceClassification.from_pretrained(reward_dir)
+    cost_model = _load_score_model(cost_dir, "cost", tokenizer) if uses_cost else None
+    cost_critic = (
+        AutoModelForSequenceClassification.from_pretrained(cost_dir) if constrained else None
+    )
+    lagrange = None
+    if constrained:
+        lc = cfg.lagrange
+        lagrange = LagrangeMultiplier(
+            lc.lambda_init, lc.lambda_max, lc.cost_limit, lc.window, lc.update_delay
+        )
+
+    loaded = load_data(cfg.data)
+    loaded.write_skipped(run.run_dir)
+    max_prompt = cfg.model.max_length - algo.sampling.max_new_tokens
+    train_prompts = views.prompts(loaded.splits["train"])
+    test_prompts = views.prompts(loaded.splits["test"])
+    eval_order = torch.randperm(
+        len(test_prompts), generator=torch.Generator().manual_seed(cfg.task.eval_seed)
+    )
+    eval_prompts = [test_prompts[i] for i in eval_order[: cfg.task.eval_prompts].tolist()]
+    ptx = None
+    if algo.ptx_coef > 0:
+        items = views.qa_items(loaded.splits["train"])
+        ptx = tokenize_sft_examples(
+            tokenizer, [i.prompt for i in items], [i.response for i in items], cfg.model.max_length
+        )
+
+    module = PPOModule(
+        actor,
+        reference,
+        reward_model,
+        reward_critic,
+        cost_model,
+        cost_critic,
+        lagrange,
+        tokenizer,
+        algo,
+        lambda_lr=cfg.lagrange.lambda_lr,
+        eval_prompts=eval_prompts,
+        eval_prompt_ids=tokenize_prompts(tokenizer, eval_prompts, max_prompt),
+        eval_seed=cfg.task.eval_seed,
+        gold=cfg.data.source == "benchmark",
+        ptx_examples=ptx,
+        sample_every=cfg.task.sample_every,
+    )
+    data = PromptDataModule(
+        train_prompts, tokenize_prompts(tokenizer, train_prompts, max_prompt), algo.iterations,
+        algo.rollout_batch_size, cfg.seed,
+    )  # fmt: skip
+    trainer_cfg = dict(cfg.trainer)
+    if trainer_cfg["strategy"] == "ddp":
+        # Each network has its own backward pass, so every backward leaves the others unused.
+        trainer_cfg["strategy"] = DDPStrategy(find_unused_parameters=True)
+    checkpoint_path = run.run_dir / "checkpoints" / "last.ckpt"
+    trainer = pl.Trainer(
+        **trainer_cfg,
+        max_epochs=1,
+        default_root_dir=run.run_dir,
+        logger=run.logger if run.logger is not None else False,
+        callbacks=[IterationCheckpoint(checkpoint_path, cfg.task.checkpoint_every), *run.callbacks],
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=resolve_ckpt_path(cfg, run.run_dir))
+
+    artifact = run.run_dir / "artifacts" / "policy"
+    metrics = dict(module.history[-1])
+    metrics |= {f"initial/{name}": value for name, value in module.initial_eval.items()}
+    metrics |= {f"final/{name}": value for name, value in module.final_eval.items()}
+    if trainer.is_global_zero:
+        save_artifact(module.actor, tokenizer, artifact)
+        (run.run_dir / "ppo_history.json").write_text(json.dumps(module.history, indent=1) + "\n")
+    return TaskResult(
+        metrics, {"policy": str(artifact), "history": str(run.run_dir / "ppo_history.json")}
+    )

@@ -1,0 +1,143 @@
+"""``saferlhf task=sft``: supervised fine-tuning of a causal LM on (prompt, response).
+
+Prompt tokens are masked from the loss, so the policy learns to answer, not to ask. The data
+are the distinct (prompt, response) items of the train split: on PKU-SafeRLHF and the embedded
+benchmark a mixture of safe and unsafe answers, as the Alpaca models the paper starts from.
+Exports the best checkpoint (lowest ``val/loss``) as ``artifacts/policy``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from transformers import PreTrainedModel
+
+from saferlhf.data.collate import tokenize_sft_examples
+from saferlhf.data.module import LanguageModelingCollator, list_loader
+from saferlhf.data.sources import load_data
+from saferlhf.data.views import qa_items
+from saferlhf.losses import selective_log_softmax
+from saferlhf.models import build_causal_lm, save_artifact
+from saferlhf.run import RunContext, TaskResult
+from saferlhf.tasks.common import (
+    adamw_with_schedule,
+    build_trainer,
+    model_config,
+    resolve_ckpt_path,
+    tokenizer_for,
+)
+
+
+def response_nll(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed negative log-likelihood of the unmasked label tokens, and their count."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
+        :, :-1
+    ]
+    labels = batch["labels"][:, 1:]  # token t is predicted from tokens < t
+    mask = (labels != -100) & (batch["weight"][:, None] > 0)
+    token_logps = selective_log_softmax(logits.float(), labels.clamp(min=0))  # (B, T-1)
+    return -(token_logps * mask).sum(), mask.sum()
+
+
+class SFTModule(pl.LightningModule):
+    def __init__(self, model: PreTrainedModel, lr: float, weight_decay: float, warmup_ratio: float):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self._val_nll = self._val_tokens = 0.0
+
+    def training_step(self, batch, batch_idx):
+        nll, tokens = response_nll(self.model, batch)
+        loss = nll / tokens.clamp(min=1)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_nll = self._val_tokens = 0.0
+
+    def validation_step(self, batch, batch_idx):
+        nll, tokens = response_nll(self.model, batch)
+        self._val_nll += nll
+        self._val_tokens += tokens
+
+    def on_validation_epoch_end(self) -> None:
+        # Token-weighted over the whole split (and all ranks), not a mean of batch means.
+        totals = self.trainer.strategy.reduce(
+            torch.stack([self._val_nll, self._val_tokens.float()]), reduce_op="sum"
+        )
+        loss = totals[0] / totals[1]
+        self.log_dict({"val/loss": loss, "val/perplexity": loss.exp()})
+
+    def configure_optimizers(self):
+        h = self.hparams
+        steps_per_epoch = len(self.trainer.datamodule.train_dataloader())
+        return adamw_with_schedule(
+            self, self.model.parameters(), h.lr, h.weight_decay, h.warmup_ratio, steps_per_epoch
+        )
+
+
+class SFTDataModule(pl.LightningDataModule):
+    def __init__(self, train: list, val: list, pad_token_id: int, batch_size: int, seed: int):
+        super().__init__()
+        self.train, self.val = train, val
+        self.collate = LanguageModelingCollator(pad_token_id)
+        self.batch_size, self.seed = batch_size, seed
+
+    def _loader(self, examples, shuffle):
+        t = self.trainer
+        return list_loader(
+            examples, self.collate, self.batch_size, shuffle, self.seed, t.global_rank, t.world_size
+        )
+
+    def train_dataloader(self):
+        return self._loader(self.train, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val, shuffle=False)
+
+
+def sft_examples(rows, tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
+    items = qa_items(rows)
+    return tokenize_sft_examples(
+        tokenizer, [i.prompt for i in items], [i.response for i in items], max_length
+    )
+
+
+def sft_task(run: RunContext) -> TaskResult:
+    cfg, task = run.cfg, run.cfg.task
+    loaded = load_data(cfg.data)
+    loaded.write_skipped(run.run_dir)
+    model_cfg = model_config(cfg, "policy")
+    tokenizer = tokenizer_for(model_cfg, loaded.splits["train"])
+    model = build_causal_lm(model_cfg, tokenizer)
+    train = sft_examples(loaded.splits["train"], tokenizer, cfg.model.max_length)
+    val = sft_examples(loaded.splits["test"], tokenizer, cfg.model.max_length)
+
+    module = SFTModule(model, task.lr, task.weight_decay, task.warmup_ratio)
+    data = SFTDataModule(train, val, tokenizer.pad_token_id, task.batch_size, cfg.seed)
+    checkpoints = run.run_dir / "checkpoints"
+    best = ModelCheckpoint(
+        dirpath=checkpoints, filename="best", monitor=task.monitor, mode=task.monitor_mode
+    )
+    last = ModelCheckpoint(
+        dirpath=checkpoints,
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=task.checkpoint_every_n_steps,
+    )
+    trainer = build_trainer(run, task, [best, last])
+    trainer.fit(module, datamodule=data, ckpt_path=resolve_ckpt_path(cfg, run.run_dir))
+    (metrics,) = trainer.validate(
+        module, datamodule=data, ckpt_path=best.best_model_path, verbose=False
+    )
+
+    artifact = Path(run.run_dir) / "artifacts" / "policy"
+    if trainer.is_global_zero:
+        save_artifact(module.model, tokenizer, artifact)
+    metrics = {name: float(value) for name, value in metrics.items()}
+    return TaskResult(metrics, {"policy": str(artifact), "checkpoint": best.best_model_path})

@@ -1,0 +1,258 @@
+"""Rollout layout, the Lagrange multiplier, and PPO / PPO-Lagrangian runs on tiny models."""
+
+import json
+
+import pytest
+import torch
+from pytorch_lightning.callbacks import Callback
+from transformers import AutoModelForCausalLM
+
+from saferlhf.cli import run
+from saferlhf.data.benchmark import generate_benchmark
+from saferlhf.data.collate import format_conversation, tokenize_prompts
+from saferlhf.models import build_causal_lm, build_score_model, save_artifact, train_bpe_tokenizer
+from saferlhf.rl.lagrange import LagrangeMultiplier
+from saferlhf.rl.rollout import (
+    Rollout,
+    positions_from_mask,
+    response_log_probs,
+    response_mask_until_eos,
+    sample_responses,
+    sequence_scores,
+    token_values,
+)
+from saferlhf.run import read_summary
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    rows = generate_benchmark(
+        num_train=400, num_test=10, seed=0, label_noise=0.0, benign_fraction=0.35
+    )["train"]
+    texts = [format_conversation(r["prompt"], r[f"response_{i}"]) for r in rows for i in (0, 1)]
+    return train_bpe_tokenizer(texts, vocab_size=1024, min_frequency=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tokenizer):
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(
+        name="tiny",
+        name_or_path=None,
+        dtype="float32",
+        trust_remote_code=False,
+        arch={
+            "model_type": "llama",
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "intermediate_size": 64,
+            "max_position_embeddings": 256,
+            "tie_word_embeddings": True,
+        },
+    )
+    torch.manual_seed(0)
+    return cfg, build_causal_lm(cfg, tokenizer).eval(), build_score_model(cfg, tokenizer).eval()
+
+
+def test_response_mask_ends_at_the_first_eos():
+    responses = torch.tensor([[5, 6, 2, 0, 0], [5, 2, 9, 2, 0], [7, 7, 7, 7, 7]])
+    expected = [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert response_mask_until_eos(responses, eos_token_id=2).tolist() == expected
+
+
+def _alone(rollout: Rollout, row: int) -> Rollout:
+    """Row ``row`` on its own, with no padding at all."""
+    keep = rollout.attention_mask[row].bool()
+    ids = rollout.input_ids[row][keep][None]
+    prompt_len = int(rollout.attention_mask[row, : rollout.prompt_width].sum())
+    mask = torch.ones_like(ids)
+    response_len = int(rollout.response_mask[row].sum())
+    return Rollout(ids, mask, positions_from_mask(mask), torch.ones(1, response_len), prompt_len)
+
+
+def test_batched_rollout_scores_match_each_sequence_scored_alone(tokenizer, tiny_models):
+    _, policy, scorer = tiny_models
+    prompts = [
+        "how can i grow tomatoes ?",
+        "hi",
+        "tell me the best way to make a budget for a long trip .",
+    ]
+    torch.manual_seed(1)
+    rollout = sample_responses(
+        policy, tokenizer, tokenize_prompts(tokenizer, prompts, 64), 12, 1.0, 0, 1.0
+    )
+    lengths = rollout.response_mask.sum(-1)
+    prompt_lengths = rollout.attention_mask[:, : rollout.prompt_width].sum(-1)
+    assert len(set(prompt_lengths.tolist())) == 3  # the layout has to cope with ragged prompts
+    with torch.no_grad():
+        batched_logprobs = response_log_probs(policy, rollout)
+        batched_values = token_values(scorer, rollout)
+        batched_scores = sequence_scores(scorer, rollout)
+        for row in range(len(prompts)):
+            alone = _alone(rollout, row)
+            n = int(lengths[row])
+            torch.testing.assert_close(
+                batched_logprobs[row, :n],
+                response_log_probs(policy, alone)[0],
+                atol=1e-5,
+                rtol=1e-4,
+            )
+            torch.testing.assert_close(
+                batched_values[row, :n], token_values(scorer, alone)[0], atol=1e-5, rtol=1e-4
+            )
+            torch.testing.assert_close(
+                batched_scores[row], sequence_scores(scorer, alone)[0], atol=1e-5, rtol=1e-4
+            )
+
+
+def test_lagrange_multiplier_rises_above_the_limit_falls_below_and_stays_under_max():
+    lagrange = LagrangeMultiplier(
+        lambda_init=1.0, lambda_max=2.0, cost_limit=0.0, window=4, update_delay=1
+    )
+    optimizer = torch.optim.SGD(lagrange.parameters(), lr=0.5)
+    lagrange.step(optimizer, lagrange.record(torch.tensor([3.0, 3.0])))
+    assert lagrange.value == pytest.approx(1.0)  # the first update is delayed
+    values = []
+    for _ in range(6):
+        lagrange.step(optimizer, lagrange.record(torch.tensor([3.0, 3.0])))
+        values.append(lagrange.value)
+    assert (
+        values[0] > 1.0
+        and max(values) == pytest.approx(2.0)
+        and all(v <= 2.0 + 1e-6 for v in values)
+    )
+    # The window holds the last four episodes: two batches of low cost flip the sign of J_c - d.
+    assert lagrange.record(torch.tensor([-5.0, -5.0])) == pytest.approx(-1.0)
+    before = lagrange.value
+    lagrange.step(optimizer, lagrange.record(torch.tensor([-5.0, -5.0])))
+    assert lagrange.value < before
+    state = lagrange.state_dict()
+    restored = LagrangeMultiplier(1.0, 2.0, 0.0, 4, 1)
+    restored.load_state_dict(state)
+    assert list(restored.window) == list(lagrange.window) and restored.value == pytest.approx(
+        lagrange.value
+    )
+
+
+@pytest.fixture(scope="module")
+def untrained_artifacts(tmp_path_factory, tokenizer, tiny_models):
+    """SFT, reward and cost folders as the earlier stages would write them: random weights,
+    with score heads scaled so that rewards and costs spread over a few units as trained ones do."""
+    cfg, policy, _ = tiny_models
+    root = tmp_path_factory.mktemp("artifacts")
+    save_artifact(policy, tokenizer, root / "policy")
+    for seed, name in ((1, "reward"), (2, "cost")):
+        torch.manual_seed(seed)
+        scorer = build_score_model(cfg, tokenizer)
+        with torch.no_grad():
+            scorer.score.weight.mul_(50.0)
+        save_artifact(scorer, tokenizer, root / name)
+    return root
+
+
+def _ppo(compose_cfg, artifacts, *overrides):
+    return compose_cfg(
+        "task=ppo",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+        "data.benchmark.num_train=300",
+        "data.benchmark.num_test=60",
+        f"init.policy={artifacts / 'policy'}",
+        f"init.reward={artifacts / 'reward'}",
+        f"init.cost={artifacts / 'cost'}",
+        "algo.rollout_batch_size=16",
+        "algo.minibatch_size=8",
+        "algo.sampling.max_new_tokens=12",
+        "task.eval_prompts=32",
+        *overrides,
+    )
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _InterruptAtIteration(Callback):
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.iteration:
+            raise _Interrupt
+
+
+def test_ppo_lagrangian_resumes_exactly_from_last(compose_cfg, untrained_artifacts, tmp_path):
+    overrides = ("algo.iterations=6", "task.checkpoint_every=2")
+    whole = run(_ppo(compose_cfg, untrained_artifacts, *overrides), tmp_path / "whole")
+    with pytest.raises(_Interrupt):
+        run(
+            _ppo(compose_cfg, untrained_artifacts, *overrides),
+            tmp_path / "cut",
+            callbacks=[_InterruptAtIteration(5)],
+        )
+    resumed = run(
+        _ppo(compose_cfg, untrained_artifacts, *overrides, "ckpt_path=last"), tmp_path / "cut"
+    )
+    timing = {k for k in whole if k.startswith("time/")}
+    assert {k: v for k, v in resumed.items() if k not in timing} == {
+        k: v for k, v in whole.items() if k not in timing
+    }
+    history = [
+        json.loads((tmp_path / d / "ppo_history.json").read_text()) for d in ("whole", "cut")
+    ]
+    assert [h["lagrange/lambda"] for h in history[0]] == [h["lagrange/lambda"] for h in history[1]]
+    assert len(history[1]) == 6
+
+
+@pytest.mark.parametrize("cost_limit, rises", [(-100.0, True), (100.0, False)])
+def test_ppo_lagrangian_moves_lambda_against_the_cost_limit_and_trains_every_network(
+    compose_cfg, untrained_artifacts, tmp_path, cost_limit, rises
+):
+    cfg = _ppo(
+        compose_cfg, untrained_artifacts, "algo.iterations=4", f"lagrange.cost_limit={cost_limit}"
+    )
+    metrics = run(cfg, tmp_path)
+    lambdas = [
+        h["lagrange/lambda"] for h in json.loads((tmp_path / "ppo_history.json").read_text())
+    ]
+    steps = [b - a for a, b in zip([1.0, *lambdas], lambdas, strict=False)]
+    if rises:  # up to lambda_max and no further
+        assert all(step >= 0 for step in steps) and lambdas[-1] == pytest.approx(
+            cfg.lagrange.lambda_max
+        )
+    else:
+        assert all(step < 0 for step in steps)
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "artifacts" / "policy")
+    initial = AutoModelForCausalLM.from_pretrained(untrained_artifacts / "policy")
+    changed = [
+        not torch.equal(a, b)
+        for a, b in zip(trained.parameters(), initial.parameters(), strict=True)
+    ]
+    assert all(changed)
+    assert metrics["train/reward_value_loss"] > 0 and metrics["train/cost_value_loss"] > 0
+    for name in (
+        "initial/gold/unsafe_rate",
+        "final/gold/helpfulness",
+        "gold/helpfulness_harmful",
+        "time/generation",
+    ):
+        assert name in metrics
+
+
+def test_single_preference_ppo_has_no_cost_and_no_lambda(
+    compose_cfg, untrained_artifacts, tmp_path
+):
+    metrics = run(
+        _ppo(compose_cfg, untrained_artifacts, "preference=single", "algo.iterations=2"), tmp_path
+    )
+    assert "rollout/reward" in metrics and "final/reward" in metrics
+    assert not any("cost" in name or "lambda" in name for name in metrics)
+    assert set(read_summary(tmp_path)["artifacts"]) == {"policy", "history"}
+
+
+def test_ppo_needs_its_init_artifacts(compose_cfg, tmp_path):
+    with pytest.raises(ValueError, match="init.policy"):
+        run(compose_cfg("task=ppo", "logger=none"), tmp_path)
