@@ -182,6 +182,41 @@ class PPOTaskConfig(TaskConfig):
 
 
 @dataclass
+class DPOTaskConfig(SupervisedTaskConfig):
+    """Direct preference optimisation (Rafailov et al. 2023) on better (single) or on the
+    dual-preference pairs chosen by ``dual_rule``."""
+
+    beta: float = MISSING
+    dual_rule: str = MISSING  # how preference=dual turns (better, safer) into one pair order
+
+
+@dataclass
+class JudgeConfig:
+    """An optional LLM judge behind an OpenAI-compatible chat-completions endpoint."""
+
+    enabled: bool = False
+    base_url: str | None = None  # e.g. http://localhost:8000/v1
+    model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"  # read from the environment, never from the config
+    timeout: float = 30.0
+    max_prompts: int = 64
+
+
+@dataclass
+class EvaluateTaskConfig(TaskConfig):
+    """Generate with fixed sampling from each policy and compare them."""
+
+    policies: dict[str, str] = field(default_factory=dict)  # name -> policy folder
+    baseline: str | None = None  # the policy the others are compared against (win rates, arena)
+    prompts_file: str | None = None  # JSONL with a "prompt" field; default: the test prompts
+    num_prompts: int = MISSING
+    seed: int = MISSING
+    batch_size: int = MISSING
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+
+@dataclass
 class InitConfig:
     """Artifacts of earlier stages (Hugging Face folders) that a stage starts from."""
 
@@ -223,6 +258,8 @@ def register_configs() -> None:
     store.store(group="task", name="score_schema", node=ScoreTaskConfig)
     store.store(group="task", name="sft_schema", node=SupervisedTaskConfig)
     store.store(group="task", name="ppo_schema", node=PPOTaskConfig)
+    store.store(group="task", name="dpo_schema", node=DPOTaskConfig)
+    store.store(group="task", name="evaluate_schema", node=EvaluateTaskConfig)
     store.store(group="algo", name="schema", node=PPOConfig)
     store.store(group="lagrange", name="schema", node=LagrangeConfig)
     store.store(group="task", name="evaluate_score_schema", node=EvaluateScoreTaskConfig)

@@ -16,6 +16,8 @@ TASKS: dict[str, str] = {
     "moderation": "saferlhf.tasks.moderation:moderation_task",
     "sft": "saferlhf.tasks.sft:sft_task",
     "ppo": "saferlhf.tasks.ppo:ppo_task",
+    "dpo": "saferlhf.tasks.dpo:dpo_task",
+    "evaluate": "saferlhf.tasks.evaluate:evaluate_task",
 }
 
 
