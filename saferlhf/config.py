@@ -217,6 +217,21 @@ class EvaluateTaskConfig(TaskConfig):
 
 
 @dataclass
+class StageConfig:
+    """One stage of a pipeline: a task run with its overrides and earlier stages' artifacts."""
+
+    name: str = MISSING
+    overrides: list[str] = field(default_factory=list)
+    init: dict[str, str] = field(default_factory=dict)  # init key -> stage whose artifact it takes
+    policies: dict[str, str] = field(default_factory=dict)  # evaluate: policy name -> stage
+
+
+@dataclass
+class PipelineTaskConfig(TaskConfig):
+    stages: list[StageConfig] = field(default_factory=list)
+
+
+@dataclass
 class InitConfig:
     """Artifacts of earlier stages (Hugging Face folders) that a stage starts from."""
 
@@ -260,6 +275,7 @@ def register_configs() -> None:
     store.store(group="task", name="ppo_schema", node=PPOTaskConfig)
     store.store(group="task", name="dpo_schema", node=DPOTaskConfig)
     store.store(group="task", name="evaluate_schema", node=EvaluateTaskConfig)
+    store.store(group="task", name="pipeline_schema", node=PipelineTaskConfig)
     store.store(group="algo", name="schema", node=PPOConfig)
     store.store(group="lagrange", name="schema", node=LagrangeConfig)
     store.store(group="task", name="evaluate_score_schema", node=EvaluateScoreTaskConfig)

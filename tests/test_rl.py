@@ -256,3 +256,28 @@ def test_single_preference_ppo_has_no_cost_and_no_lambda(
 def test_ppo_needs_its_init_artifacts(compose_cfg, tmp_path):
     with pytest.raises(ValueError, match="init.policy"):
         run(compose_cfg("task=ppo", "logger=none"), tmp_path)
+
+
+@pytest.mark.slow
+def test_ppo_lagrangian_under_ddp_cpu_keeps_lambda_identical_on_both_ranks(
+    untrained_artifacts, tmp_path
+):
+    import subprocess
+    import sys
+
+    args = [
+        "task=ppo", "trainer=ddp_cpu", "logger=csv", "trainer.enable_progress_bar=false",
+        "data.benchmark.num_train=300", "data.benchmark.num_test=60",
+        f"init.policy={untrained_artifacts / 'policy'}", f"init.reward={untrained_artifacts / 'reward'}",
+        f"init.cost={untrained_artifacts / 'cost'}", "algo.iterations=3", "algo.rollout_batch_size=8",
+        "algo.minibatch_size=4", "algo.sampling.max_new_tokens=8", "task.eval_prompts=16",
+        f"hydra.run.dir={tmp_path}",
+    ]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "saferlhf.cli", *args], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((tmp_path / "ppo_history.json").read_text())
+    assert len(history) == 3
+    # Each iteration gathers λ from every rank; the spread is exactly zero when they agree.
+    assert [h["lagrange/lambda_rank_spread"] for h in history] == [0.0, 0.0, 0.0]

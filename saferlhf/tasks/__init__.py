@@ -18,6 +18,7 @@ TASKS: dict[str, str] = {
     "ppo": "saferlhf.tasks.ppo:ppo_task",
     "dpo": "saferlhf.tasks.dpo:dpo_task",
     "evaluate": "saferlhf.tasks.evaluate:evaluate_task",
+    "pipeline": "saferlhf.tasks.pipeline:pipeline_task",
 }
 
 

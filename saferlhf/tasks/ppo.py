@@ -195,6 +195,9 @@ class PPOModule(pl.LightningModule):
                 "rollout/episode_cost": episode_cost,
                 "lagrange/lambda": self.lagrange.value,
             }
+            if self.trainer.world_size > 1:  # λ must be identical on every rank
+                lambdas = self.all_gather(self.lagrange.log_lambda.detach().exp())
+                metrics["lagrange/lambda_rank_spread"] = (lambdas.max() - lambdas.min()).item()
 
         # 5. PPO epochs over minibatches
         sums: dict[str, float] = {}
@@ -483,7 +486,7 @@ def ppo_task(run: RunContext) -> TaskResult:
         train_prompts, tokenize_prompts(tokenizer, train_prompts, max_prompt), algo.iterations,
         algo.rollout_batch_size, cfg.seed,
     )  # fmt: skip
-    trainer_cfg = dict(cfg.trainer)
+    trainer_cfg = {k: v for k, v in cfg.trainer.items() if k != "log_every_n_steps"}
     if trainer_cfg["strategy"] == "ddp":
         # Each network has its own backward pass, so every backward leaves the others unused.
         trainer_cfg["strategy"] = DDPStrategy(find_unused_parameters=True)
@@ -496,6 +499,7 @@ def ppo_task(run: RunContext) -> TaskResult:
         callbacks=[IterationCheckpoint(checkpoint_path, cfg.task.checkpoint_every), *run.callbacks],
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
+        log_every_n_steps=1,  # one step is a whole PPO iteration
     )
     trainer.fit(module, datamodule=data, ckpt_path=resolve_ckpt_path(cfg, run.run_dir))
 

@@ -1,0 +1,98 @@
+"""``saferlhf task=pipeline``: run the stages of ``task.stages`` in order, in one process.
+
+Each stage is composed from the same config tree with the user's own overrides, then the
+stage's overrides, then ``init.*`` paths to the artifacts of earlier stages; it runs in
+``<run dir>/<stage>/`` with its own logger run and ``summary.json``. The pipeline's
+``summary.json`` gathers every stage's metrics (as ``<stage>/<metric>``) and artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from rich.console import Console
+
+from saferlhf.run import RunContext, TaskResult, read_summary
+
+log = logging.getLogger(__name__)
+
+# User overrides that belong to the pipeline itself, not to its stages.
+_PIPELINE_ONLY = ("task", "hydra", "ckpt_path")
+
+
+def _user_overrides() -> list[str]:
+    if not HydraConfig.initialized():
+        return []
+    overrides = HydraConfig.get().overrides.task
+    return [
+        o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] not in _PIPELINE_ONLY
+    ]
+
+
+def stage_overrides(stage, artifacts: dict[str, dict[str, str]]) -> list[str]:
+    """The stage's own overrides plus ``init.*`` and ``task.policies.*`` paths from earlier stages."""
+    overrides = list(stage.overrides)
+    for key, source in stage.init.items():
+        overrides.append(f"init.{key}={_artifact(artifacts, source, key, stage.name)}")
+    for name, source in stage.policies.items():
+        overrides.append(
+            f"+task.policies.{name}={_artifact(artifacts, source, 'policy', stage.name)}"
+        )
+    return overrides
+
+
+def _artifact(artifacts: dict[str, dict[str, str]], source: str, key: str, stage: str) -> str:
+    if source not in artifacts or key not in artifacts[source]:
+        raise ValueError(
+            f"pipeline stage {stage!r} needs the {key!r} artifact of stage {source!r}, run before it"
+        )
+    return artifacts[source][key]
+
+
+def pipeline_task(run: RunContext) -> TaskResult:
+    from saferlhf.cli import run as run_stage  # the same entry every single-task run goes through
+
+    console = Console()
+    user = _user_overrides()
+    artifacts: dict[str, dict[str, str]] = {}
+    metrics: dict[str, float] = {}
+    for stage in run.cfg.task.stages:
+        stage_dir = run.run_dir / stage.name
+        console.rule(f"[bold]stage {stage.name}")
+        stage_cfg = compose(
+            config_name="config", overrides=[*user, *stage_overrides(stage, artifacts)]
+        )
+        if (stage_dir / "summary.json").exists():  # finished in an earlier, interrupted run
+            log.info("stage %s already done in %s; reusing it", stage.name, stage_dir)
+        else:
+            run_stage(stage_cfg, stage_dir)
+        summary = read_summary(stage_dir)
+        artifacts[stage.name] = summary["artifacts"]
+        metrics |= {f"{stage.name}/{name}": value for name, value in summary["metrics"].items()}
+
+    flat_artifacts = {
+        f"{stage}/{name}": path
+        for stage, paths in artifacts.items()
+        for name, path in paths.items()
+    }
+    (run.run_dir / "pipeline_artifacts.json").write_text(
+        json.dumps(flat_artifacts, indent=2) + "\n"
+    )
+    console.rule("[bold]artifacts")
+    for name, path in flat_artifacts.items():
+        console.print(f"{name}: {path}", markup=False, soft_wrap=True)
+    table = run.run_dir / "evaluate" / "eval_table.md"
+    if table.exists():
+        console.rule("[bold]results")
+        console.print(table.read_text(), markup=False, soft_wrap=True)
+    return TaskResult(metrics, flat_artifacts)
+
+
+def pipeline_dirs(run_dir: str | Path) -> dict[str, Path]:
+    """Stage name -> stage dir of a finished pipeline run (for scripts that aggregate runs)."""
+    run_dir = Path(run_dir)
+    return {p.parent.name: p.parent for p in sorted(run_dir.glob("*/summary.json"))}
