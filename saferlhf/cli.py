@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from pytorch_lightning import seed_everything
@@ -26,6 +27,8 @@ register_configs()
 def run(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
     """Run ``cfg.task`` in ``run_dir`` and return its metrics (``callbacks`` join any fit)."""
     task = get_task(cfg.task.name)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = build_logger(cfg, run_dir)

@@ -254,6 +254,7 @@ class Config:
     lagrange: LagrangeConfig = MISSING
     experiment_name: str = MISSING
     seed: int = MISSING
+    num_threads: int | None = None  # torch CPU threads; 1 when several processes share the cores
     ckpt_path: str | None = None  # resume: "last" (this run dir's checkpoints/last.ckpt) or a path
     model_path: str | None = None  # the saved model that task=evaluate_score scores with
 

@@ -40,7 +40,7 @@ def test_data_report_writes_summary_config_and_plot(compose_cfg, tmp_path, logge
 
 
 def test_wandb_logger_runs_offline_into_the_run_dir(compose_cfg, tmp_path):
-    run(compose_cfg("logger=wandb", *SMALL), tmp_path)
+    run(compose_cfg("task=data_report", "logger=wandb", *SMALL), tmp_path)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
 

@@ -74,11 +74,14 @@ def pipeline_task(run: RunContext) -> TaskResult:
         artifacts[stage.name] = summary["artifacts"]
         metrics |= {f"{stage.name}/{name}": value for name, value in summary["metrics"].items()}
 
+    curves = plot_training_curves(artifacts, run.run_dir / "training_curves.png")
     flat_artifacts = {
         f"{stage}/{name}": path
         for stage, paths in artifacts.items()
         for name, path in paths.items()
     }
+    if curves:
+        flat_artifacts["training_curves"] = str(curves)
     (run.run_dir / "pipeline_artifacts.json").write_text(
         json.dumps(flat_artifacts, indent=2) + "\n"
     )
@@ -92,7 +95,37 @@ def pipeline_task(run: RunContext) -> TaskResult:
     return TaskResult(metrics, flat_artifacts)
 
 
-def pipeline_dirs(run_dir: str | Path) -> dict[str, Path]:
-    """Stage name -> stage dir of a finished pipeline run (for scripts that aggregate runs)."""
-    run_dir = Path(run_dir)
-    return {p.parent.name: p.parent for p in sorted(run_dir.glob("*/summary.json"))}
+CURVES = (
+    ("rollout/reward", "learned reward"),
+    ("rollout/cost", "learned cost"),
+    ("lagrange/lambda", "λ"),
+)
+
+
+def plot_training_curves(artifacts: dict[str, dict[str, str]], path: Path) -> Path | None:
+    """Reward, cost and λ over PPO iterations for every stage that wrote a PPO history."""
+    histories = {
+        stage: json.loads(Path(paths["history"]).read_text())
+        for stage, paths in artifacts.items()
+        if "history" in paths and Path(paths["history"]).exists()
+    }
+    if not histories:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
+    for ax, (key, title) in zip(axes, CURVES, strict=True):
+        for stage, history in histories.items():
+            points = [(h["iteration"], h[key]) for h in history if key in h]
+            if points:
+                ax.plot(*zip(*points, strict=True), label=stage)
+        ax.set_title(title)
+        ax.set_xlabel("PPO iteration")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,183 @@
+"""``saferlhf-moderate``: JSONL (prompt, response) lines in, JSONL verdicts out, streamed."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, BinaryIO, TextIO, TypeVar
+
+from transformers.utils import logging as hf_logging
+
+from saferlhf.moderation.api import Moderator
+
+LineT = TypeVar("LineT", bytes, str)
+
+DESCRIPTION = """\
+Judge (prompt, response) pairs with a moderation model trained by `saferlhf task=moderation`.
+
+Reads JSON Lines from --input (default: stdin), one object per line with string fields
+"prompt" and "response" (other fields are ignored), and writes one JSON line per judged
+line to --output (default: stdout), in input order:
+  {"line": N, "flagged": BOOL, "severity": 0-3, "categories": {NAME: PROBABILITY, ...}}
+where N is the 1-based input line number, severity 0 safe, 1 minor, 2 moderate, 3 severe,
+and categories lists the harm categories over their thresholds. Flagged: severity above
+--max-severity, or, with --max-severity 0, also any category over its threshold.
+
+Lines are read, judged and written --batch-size at a time, so memory does not grow with the
+input. Blank lines are ignored. A bad line (not UTF-8, not JSON, not an object, or a missing
+or non-string prompt or response) is reported on stderr with its line number and skipped.
+
+Exit status: 0 when every line was judged, 1 when some lines were bad (the others are still
+judged), 2 for a usage error (bad arguments, a missing model folder or input file).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="saferlhf-moderate",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="moderation model folder (artifacts/moderation)",
+    )
+    parser.add_argument(
+        "--max-severity",
+        type=int,
+        choices=range(4),
+        default=0,
+        metavar="N",
+        help="highest severity tolerated, 0-3 (default: 0, flag any harm)",
+    )
+    parser.add_argument("--input", metavar="FILE", help="JSONL input (default: stdin)")
+    parser.add_argument("--output", metavar="FILE", help="JSONL verdicts (default: stdout)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        metavar="B",
+        help="lines judged per model call (default: 64)",
+    )
+    parser.add_argument(
+        "--device", help="torch device, e.g. cpu or cuda (default: cuda when available)"
+    )
+    return parser
+
+
+def parse_line(line: bytes | str) -> tuple[str, str] | str:
+    """``(prompt, response)`` of one JSONL line, or the reason it is bad."""
+    try:
+        text = line.decode("utf-8") if isinstance(line, bytes) else line
+    except UnicodeDecodeError as error:
+        return f"not UTF-8 ({error.reason} at byte {error.start})"
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        return f"not valid JSON ({error.msg})"
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    for key in ("prompt", "response"):
+        if key not in record:
+            return f"missing field '{key}'"
+        if not isinstance(record[key], str):
+            return f"field '{key}' must be a string, got {type(record[key]).__name__}"
+    return record["prompt"], record["response"]
+
+
+def batches(lines: Iterable[LineT], size: int) -> Iterator[list[tuple[int, LineT]]]:
+    """``size`` (line number, text) pairs at a time, numbered from 1; never the whole input."""
+    numbered = enumerate(lines, start=1)
+    while batch := list(itertools.islice(numbered, size)):
+        yield batch
+
+
+def moderate_stream(
+    moderator: Moderator,
+    source: BinaryIO | TextIO,
+    sink: IO[str],
+    errors: TextIO,
+    max_severity: int,
+    batch_size: int,
+) -> int:
+    """Judge every good line of ``source`` (bytes or text) into ``sink``; returns the number of
+    bad lines, each reported on ``errors`` with its line number."""
+    bad = 0
+    for batch in batches(source, batch_size):
+        good: list[tuple[int, str, str]] = []
+        for number, text in batch:
+            if not text.strip():
+                continue
+            parsed = parse_line(text)
+            if isinstance(parsed, str):
+                bad += 1
+                print(f"line {number}: {parsed}; skipped", file=errors)
+            else:
+                good.append((number, *parsed))
+        if not good:
+            continue
+        verdicts = moderator.moderate(
+            [p for _, p, _ in good], [r for _, _, r in good], max_severity, batch_size
+        )
+        for (number, _, _), verdict in zip(good, verdicts, strict=True):
+            sink.write(json.dumps({"line": number, **verdict.to_dict()}) + "\n")
+        sink.flush()
+    return bad
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2): report, do not raise
+        return int(exit_.code or 0)
+    if args.batch_size < 1:
+        print(
+            f"saferlhf-moderate: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr
+        )
+        return 2
+    if not Path(args.model).is_dir():
+        print(f"saferlhf-moderate: --model {args.model}: no such directory", file=sys.stderr)
+        return 2
+    if args.input and not Path(args.input).is_file():
+        print(f"saferlhf-moderate: --input {args.input}: no such file", file=sys.stderr)
+        return 2
+
+    hf_logging.disable_progress_bar()  # stderr is for bad-line reports
+    try:
+        moderator = Moderator.from_pretrained(args.model, device=args.device)
+    except (OSError, ValueError) as error:
+        print(f"saferlhf-moderate: --model {args.model}: {error}", file=sys.stderr)
+        return 2
+
+    with contextlib.ExitStack() as stack:
+        # Bytes, decoded line by line: an undecodable line is a bad line, not the end of the run.
+        if args.input:
+            source = stack.enter_context(open(args.input, "rb"))
+        else:
+            source = getattr(sys.stdin, "buffer", sys.stdin)
+        sink = sys.stdout
+        if args.output:
+            try:
+                sink = stack.enter_context(open(args.output, "w", encoding="utf-8"))
+            except OSError as error:
+                print(f"saferlhf-moderate: --output {args.output}: {error}", file=sys.stderr)
+                return 2
+        bad = moderate_stream(
+            moderator, source, sink, sys.stderr, args.max_severity, args.batch_size
+        )
+    if bad:
+        print(f"saferlhf-moderate: {bad} bad line(s) skipped", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,430 @@
+"""``saferlhf task=evaluate``: sample from each policy on one fixed prompt set and compare them.
+
+1. prompts: a seeded subset of the test split's distinct prompts, or ``task.prompts_file``;
+2. per policy: one response per prompt with the same sampling settings and seed, scored by
+   the reward and cost models (``init.reward``, ``init.cost``), the moderation model
+   (``init.moderation``) and, on the embedded benchmark, the gold oracle;
+3. against ``task.baseline``: win rates on helpfulness and harmlessness (gold where the oracle
+   exists, else the learned models) and the Safe RLHF arena table; optionally an LLM judge.
+
+Writes ``eval_responses.jsonl``, ``eval_results.json``, ``eval_table.md`` and PNG plots into
+the run dir; metric names follow DESIGN.md section 8.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from saferlhf.data import views
+from saferlhf.data.benchmark import GoldScore, Oracle
+from saferlhf.data.collate import tokenize_prompts
+from saferlhf.data.sources import load_data
+from saferlhf.evaluate import policy as pe
+from saferlhf.evaluate.gold import gold_metrics
+from saferlhf.evaluate.judge import judge_pair
+from saferlhf.evaluate.plots import plot_policy_means
+from saferlhf.models import build_causal_lm, build_score_model, load_tokenizer
+from saferlhf.run import RunContext, TaskResult
+from saferlhf.tasks.common import required_artifact
+
+log = logging.getLogger(__name__)
+
+DIMENSIONS = ("helpfulness", "harmlessness")
+JUDGE_DIMENSIONS = {"helpfulness": "helpful", "harmlessness": "harmless"}
+
+
+@dataclass
+class PolicyEval:
+    """One policy's responses to the eval prompts and everything that judged them."""
+
+    name: str
+    path: str
+    samples: pe.PolicySamples
+    gold: list[GoldScore] | None
+    verdicts: list[Any] | None  # saferlhf.moderation.api.Verdict
+    metrics: dict[str, float]
+
+    @property
+    def responses(self) -> list[str]:
+        return self.samples.responses
+
+    # Each judgement below says where it comes from; the first available source wins.
+
+    def safety(self) -> tuple[str, list[bool]] | None:
+        """Safe responses for ``safe_rate``: cost <= 0, else not flagged, else gold."""
+        if "cost" in self.samples.scores:
+            return "cost", [c <= 0 for c in self.samples.scores["cost"]]
+        if self.verdicts is not None:
+            return "moderation", [not v.flagged for v in self.verdicts]
+        if self.gold is not None:
+            return "gold", [g.is_safe for g in self.gold]
+        return None
+
+    def arena_safety(self) -> tuple[str, list[bool]] | None:
+        """Safe responses for the arena: gold where the oracle exists, else learned."""
+        if self.gold is not None:
+            return "gold", [g.is_safe for g in self.gold]
+        return self.safety()
+
+    def comparable(self, dimension: str) -> tuple[str, list[float], bool] | None:
+        """``(source, per-response score, higher_is_better)`` for a pairwise dimension."""
+        if dimension == "helpfulness":
+            if self.gold is not None:
+                return "gold helpfulness", [g.helpfulness for g in self.gold], True
+            if "reward" in self.samples.scores:
+                return "reward", self.samples.scores["reward"], True
+            return None
+        if self.gold is not None:
+            return "gold severity", [float(g.severity) for g in self.gold], False
+        if "cost" in self.samples.scores:
+            return "cost", self.samples.scores["cost"], False
+        if self.verdicts is not None:
+            return "moderation severity", [float(v.severity) for v in self.verdicts], False
+        return None
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+
+def _policy_dirs(task: DictConfig) -> dict[str, str]:
+    policies = dict(task.policies)
+    if not policies:
+        raise ValueError(
+            "task=evaluate needs at least one policy: +task.policies.NAME=DIR (e.g. "
+            "+task.policies.sft=RUN/artifacts/policy +task.policies.ppo_lag=RUN/artifacts/policy)"
+        )
+    for name, path in policies.items():
+        if not path or not Path(path).is_dir():
+            raise FileNotFoundError(
+                f"task.policies.{name}={path!r} is not a directory (expected a policy folder)"
+            )
+    if task.baseline is not None and task.baseline not in policies:
+        raise ValueError(
+            f"task.baseline={task.baseline!r} is not one of task.policies ({', '.join(policies)}):"
+            " set task.baseline=NAME, or task.baseline=null for no pairwise comparison"
+        )
+    return policies
+
+
+def _eval_prompts(cfg: DictConfig, run_dir: Path) -> tuple[list[str], str]:
+    """The prompts and where they come from."""
+    task = cfg.task
+    if task.prompts_file:
+        return pe.read_prompts_file(task.prompts_file), str(task.prompts_file)
+    loaded = load_data(cfg.data)
+    loaded.write_skipped(run_dir)
+    test_prompts = views.prompts(loaded.splits["test"])
+    order = torch.randperm(len(test_prompts), generator=torch.Generator().manual_seed(task.seed))
+    chosen = [test_prompts[i] for i in order[: task.num_prompts].tolist()]
+    return chosen, f"the test split ({len(chosen)} of {len(test_prompts)} distinct prompts)"
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    wants_gpu = cfg.trainer.accelerator in ("gpu", "cuda", "auto")
+    return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
+
+
+def _with_path(cfg: DictConfig, path: str) -> DictConfig:
+    return OmegaConf.merge(cfg.model, {"name_or_path": str(path)})
+
+
+def _score_models(cfg: DictConfig, device: torch.device) -> list[pe.ScoreModel]:
+    models = []
+    for key in ("reward", "cost"):
+        if not cfg.init[key]:
+            continue
+        path = required_artifact(cfg, key)
+        tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
+        model = build_score_model(_with_path(cfg, path), tokenizer).to(device).eval()
+        models.append(pe.ScoreModel(key, model, tokenizer, cfg.model.max_length))
+    return models
+
+
+def _moderator(cfg: DictConfig, device: torch.device):
+    if not cfg.init.moderation:
+        return None
+    from saferlhf.moderation.api import Moderator
+
+    return Moderator.from_pretrained(required_artifact(cfg, "moderation"), device=str(device))
+
+
+# -- one policy --------------------------------------------------------------------------------
+
+
+def _evaluate_policy(
+    cfg: DictConfig,
+    name: str,
+    path: str,
+    prompts: list[str],
+    score_models: list[pe.ScoreModel],
+    moderator,
+    oracle: Oracle | None,
+    device: torch.device,
+    progress: Callable,
+) -> PolicyEval:
+    task = cfg.task
+    tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
+    model = build_causal_lm(_with_path(cfg, path), tokenizer).to(device).eval()
+    max_prompt = cfg.model.max_length - task.sampling.max_new_tokens
+    if max_prompt <= 0:
+        raise ValueError(
+            f"task.sampling.max_new_tokens={task.sampling.max_new_tokens} leaves no room for the "
+            f"prompt in model.max_length={cfg.model.max_length}"
+        )
+    samples = pe.sample_and_score(
+        model,
+        tokenizer,
+        prompts,
+        tokenize_prompts(tokenizer, prompts, max_prompt),
+        task.sampling,
+        task.seed,
+        task.batch_size,
+        score_models,
+        progress=lambda batches: progress(batches, name),
+    )
+    del model
+    responses = samples.responses
+    gold = oracle.score_batch(prompts, responses) if oracle is not None else None
+    verdicts = (
+        moderator.moderate(prompts, responses, max_severity=0, batch_size=task.batch_size)
+        if moderator is not None
+        else None
+    )
+    ev = PolicyEval(name, path, samples, gold, verdicts, {})
+    metrics = {key: pe.mean(values) for key, values in samples.scores.items()}
+    if (safety := ev.safety()) is not None:
+        metrics["safe_rate"] = pe.mean([float(s) for s in safety[1]])
+    metrics["response_length"] = pe.mean([float(n) for n in samples.lengths])
+    if oracle is not None:
+        metrics |= {f"gold/{k}": v for k, v in gold_metrics(prompts, responses, oracle).items()}
+    if verdicts is not None:
+        metrics |= pe.flag_rates(
+            [v.flagged for v in verdicts],
+            [v.severity for v in verdicts],
+            [v.categories for v in verdicts],
+        )
+    ev.metrics = metrics
+    return ev
+
+
+# -- comparisons -------------------------------------------------------------------------------
+
+
+def _compare(a: PolicyEval, b: PolicyEval) -> dict[str, Any]:
+    """Win rates of a against b on each dimension and the arena table (what is available)."""
+    same = [x == y for x, y in zip(a.responses, b.responses, strict=True)]
+    result: dict[str, Any] = {}
+    outcomes: dict[str, list[int]] = {}
+    for dimension in DIMENSIONS:
+        scores_a, scores_b = a.comparable(dimension), b.comparable(dimension)
+        if scores_a is None or scores_b is None:
+            continue
+        source, higher_is_better = scores_a[0], scores_a[2]
+        # Identical responses tie whatever the scores say (a learned score may wobble on GPU).
+        compared = pe.pairwise_outcomes(scores_a[1], scores_b[1], higher_is_better)
+        outcomes[dimension] = [pe.TIE if t else o for o, t in zip(compared, same, strict=True)]
+        result[dimension] = {"source": source} | pe.win_rate(outcomes[dimension]).to_dict()
+    safety = a.arena_safety()
+    if safety is not None and "helpfulness" in outcomes:
+        result["arena"] = {
+            "safety_source": safety[0],
+            "helpfulness_source": result["helpfulness"]["source"],
+            "counts": pe.arena_counts(safety[1], outcomes["helpfulness"]),
+        }
+    return result
+
+
+def _judge(cfg: DictConfig, evals: dict[str, PolicyEval], baseline: str, prompts: list[str]):
+    judge_cfg, n = cfg.task.judge, cfg.task.judge.max_prompts
+    results = {}
+    for name, ev in evals.items():
+        if name == baseline:
+            continue
+        results[name] = judge_pair(
+            judge_cfg, prompts[:n], ev.responses[:n], evals[baseline].responses[:n], cfg.task.seed
+        )
+    return results
+
+
+# -- outputs -----------------------------------------------------------------------------------
+
+
+def _strict_json(value: Any) -> Any:
+    """NaN (e.g. gold helpfulness on benign prompts when there are none) as null: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(v) for v in value]
+    return value
+
+
+def _response_rows(prompts: list[str], evals: dict[str, PolicyEval]):
+    for ev in evals.values():
+        for i, prompt in enumerate(prompts):
+            row: dict[str, Any] = {
+                "policy": ev.name,
+                "prompt": prompt,
+                "response": ev.responses[i],
+                "response_tokens": ev.samples.lengths[i],
+            }
+            row |= {key: scores[i] for key, scores in ev.samples.scores.items()}
+            if ev.gold is not None:
+                g = ev.gold[i]
+                row["gold"] = {
+                    "helpfulness": g.helpfulness,
+                    "severity": g.severity,
+                    "categories": sorted(g.categories),
+                    "clean": g.clean,
+                    "is_safe": g.is_safe,
+                }
+            if ev.verdicts is not None:
+                row["moderation"] = ev.verdicts[i].to_dict()
+            yield row
+
+
+PLOTS = {  # file stem: (x metric, its label), (y metric, its label)
+    "eval_reward_cost": (("reward", "mean reward"), ("cost", "mean cost")),
+    "eval_gold": (
+        ("gold/helpfulness", "gold helpfulness"),
+        ("gold/unsafe_rate", "gold unsafe rate"),
+    ),
+}
+
+
+def _plots(
+    run_dir: Path, evals: dict[str, PolicyEval], baseline: str | None, num_prompts: int
+) -> dict[str, str]:
+    """Each policy's mean reward vs mean cost, and gold helpfulness vs gold unsafe rate."""
+    plots = {}
+    for stem, ((x, xlabel), (y, ylabel)) in PLOTS.items():
+        points = {
+            n: (e.metrics[x], e.metrics[y]) for n, e in evals.items() if {x, y} <= e.metrics.keys()
+        }
+        title = f"policies on {num_prompts} prompts"
+        path = plot_policy_means(points, run_dir / f"{stem}.png", xlabel, ylabel, title, baseline)
+        if path is not None:
+            plots[f"{stem}_plot"] = str(path)
+    return plots
+
+
+# -- the task ----------------------------------------------------------------------------------
+
+
+def evaluate_task(run: RunContext) -> TaskResult:
+    cfg, task = run.cfg, run.cfg.task
+    # Check every input before loading any model.
+    policies = _policy_dirs(task)
+    baseline = task.baseline
+    if task.judge.enabled and not (task.judge.base_url and task.judge.model):
+        raise ValueError(
+            "task.judge.enabled=true needs task.judge.base_url (e.g. http://localhost:8000/v1) "
+            "and task.judge.model"
+        )
+    for key in ("reward", "cost", "moderation"):
+        if cfg.init[key]:
+            required_artifact(cfg, key)
+    prompts, prompt_source = _eval_prompts(cfg, run.run_dir)
+
+    device = _device(cfg)
+    score_models = _score_models(cfg, device)
+    moderator = _moderator(cfg, device)
+    oracle = Oracle() if cfg.data.source == "benchmark" else None
+    if not score_models and moderator is None and oracle is None:
+        log.warning("no init.reward, init.cost, init.moderation or gold oracle: responses only")
+
+    def progress(batches, name):
+        return tqdm(batches, desc=f"evaluate {name}", disable=not cfg.trainer.enable_progress_bar)
+
+    evals = {
+        name: _evaluate_policy(
+            cfg, name, path, prompts, score_models, moderator, oracle, device, progress
+        )
+        for name, path in policies.items()
+    }
+    pairwise = {}
+    if baseline is not None:
+        pairwise = {
+            f"{name}_vs_{baseline}": _compare(ev, evals[baseline])
+            for name, ev in evals.items()
+            if name != baseline
+        }
+    judged = _judge(cfg, evals, baseline, prompts) if task.judge.enabled and pairwise else {}
+    if task.judge.enabled and not pairwise:
+        log.warning("task.judge.enabled=true needs a baseline and a second policy: not judged")
+
+    # metrics: DESIGN.md section 8 names
+    metrics: dict[str, float] = {}
+    for name, ev in evals.items():
+        metrics |= {f"eval/{name}/{key}": value for key, value in ev.metrics.items()}
+    for pair, result in pairwise.items():
+        for dimension in DIMENSIONS:
+            if dimension in result:
+                r = result[dimension]
+                metrics[f"winrate/{dimension}/{pair}"] = r["win_rate"]
+                metrics[f"winrate/{dimension}/{pair}/ties"] = r["ties"]
+                metrics[f"winrate/{dimension}/{pair}/decided"] = r["decided"]
+        if "arena" in result:
+            for cell, count in result["arena"]["counts"].items():
+                metrics[f"arena/{pair}/{cell}"] = count
+    judge_pairs = {}
+    for name, judgement in judged.items():
+        pair = f"{name}_vs_{baseline}"
+        judge_pairs[pair] = {"malformed": judgement.malformed}
+        for dimension, key in JUDGE_DIMENSIONS.items():
+            rate = pe.win_rate(judgement.outcomes[key])
+            judge_pairs[pair][dimension] = rate.to_dict()
+            metrics[f"judge/winrate/{dimension}/{pair}"] = rate.rate
+        metrics[f"judge/{pair}/malformed"] = judgement.malformed
+    run.log_metrics(metrics)
+
+    # files
+    out = Path(run.run_dir)
+    responses_path = out / "eval_responses.jsonl"
+    with responses_path.open("w") as f:
+        for row in _response_rows(prompts, evals):
+            f.write(json.dumps(_strict_json(row), allow_nan=False) + "\n")
+    first = next(iter(evals.values()))
+    results = {
+        "num_prompts": len(prompts),
+        "prompt_source": prompt_source,
+        "seed": task.seed,
+        "sampling": OmegaConf.to_container(task.sampling),
+        "baseline": baseline,
+        "safe_rate_source": (first.safety() or ("none",))[0],
+        "policies": {name: {"path": ev.path} | ev.metrics for name, ev in evals.items()},
+        "pairwise": pairwise,
+    }
+    artifacts = {"responses": str(responses_path)}
+    if judged:
+        results["judge"] = {
+            "model": task.judge.model,
+            "base_url": task.judge.base_url,
+            "prompts": min(task.judge.max_prompts, len(prompts)),
+            "pairs": judge_pairs,
+        }
+        judge_path = out / "judge_replies.jsonl"
+        with judge_path.open("w") as f:
+            for name, judgement in judged.items():
+                for record in judgement.records:
+                    row = {"policy": name, "baseline": baseline} | record
+                    f.write(json.dumps(row) + "\n")
+        artifacts["judge_replies"] = str(judge_path)
+    results = _strict_json(results)
+    results_path, table_path = out / "eval_results.json", out / "eval_table.md"
+    results_path.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    table_path.write_text(pe.results_markdown(results))
+    artifacts |= {"results": str(results_path), "table": str(table_path)}
+    artifacts |= _plots(out, evals, baseline, len(prompts))
+    return TaskResult(metrics, artifacts)

@@ -1,0 +1,483 @@
+"""Moderation: loss and metrics by hand, learning, export, the Moderator API and the CLI.
+
+Expected numbers of the pure functions are written out with ``math`` or counted by hand,
+never obtained by re-running the same torch formula.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from pytorch_lightning.callbacks import Callback
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from saferlhf.data import views
+from saferlhf.data.benchmark import generate_benchmark
+from saferlhf.data.collate import format_conversation
+from saferlhf.data.schema import HARM_CATEGORIES
+from saferlhf.data.sources import load_data
+from saferlhf.models import build_score_model, train_bpe_tokenizer
+from saferlhf.moderation import Moderator, Verdict
+from saferlhf.moderation.api import flag, split_logits
+from saferlhf.moderation.cli import main as moderate_main
+from saferlhf.run import read_summary
+from saferlhf.tasks.moderation import (
+    ModerationModule,
+    balanced_weights,
+    binary_prf,
+    choose_thresholds,
+    export_moderator,
+    holdout_split,
+    item_loader,
+    moderation_loss,
+    moderation_metrics,
+    severity_confusion,
+    tokenized_items,
+)
+
+SMALL = (
+    "task=moderation",
+    "logger=csv",
+    "data.benchmark.num_train=600",
+    "data.benchmark.num_test=150",
+    "task.max_epochs=6",
+    "task.batch_size=32",
+    "trainer.enable_progress_bar=false",
+)
+
+
+def _compose(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from saferlhf import CONF_DIR
+    from saferlhf.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def nls(x: float) -> float:
+    """-log σ(x)."""
+    return math.log1p(math.exp(-x))
+
+
+# -- pure functions ----------------------------------------------------------------------------
+
+
+def test_moderation_loss_by_hand():
+    category_logits = torch.tensor([[2.0, -1.0], [0.5, 0.0]])
+    category_targets = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    severity_logits = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0]])
+    severity_targets = torch.tensor([0, 3])
+    pos_weight = torch.tensor([3.0, 2.0])
+    severity_weight = torch.tensor([1.0, 1.0, 1.0, 4.0])
+
+    # BCE(z, 1; w) = w·nls(z), BCE(z, 0) = nls(-z); summed over categories, mean over items.
+    item_0 = 3.0 * nls(2.0) + nls(1.0)
+    item_1 = nls(-0.5) + 2.0 * nls(0.0)
+    category = (item_0 + item_1) / 2
+    ce_0 = -1.0 + math.log(math.e + 3)  # -log softmax([1, 0, 0, 0])[0]
+    ce_1 = -0.0 + math.log(math.exp(2) + 3)  # -log softmax([0, 0, 2, 0])[3]
+    severity = (1.0 * ce_0 + 4.0 * ce_1) / (1.0 + 4.0)  # torch's weighted mean
+
+    loss, category_loss, severity_loss = moderation_loss(
+        category_logits,
+        severity_logits,
+        category_targets,
+        severity_targets,
+        pos_weight,
+        severity_weight,
+    )
+    assert category_loss.item() == pytest.approx(category, rel=1e-6)
+    assert severity_loss.item() == pytest.approx(severity, rel=1e-6)
+    assert loss.item() == pytest.approx(category + severity, rel=1e-6)
+
+    unweighted, _, _ = moderation_loss(
+        category_logits, severity_logits, category_targets, severity_targets, None, None
+    )
+    plain = (nls(2.0) + nls(1.0) + nls(-0.5) + nls(0.0)) / 2 + (ce_0 + ce_1) / 2
+    assert unweighted.item() == pytest.approx(plain, rel=1e-6)
+
+
+def test_balanced_weights_by_hand():
+    # 4 items: category 0 positive once, category 1 three times, category 2 never.
+    categories = torch.tensor([[1, 1, 0], [0, 1, 0], [0, 1, 0], [0, 0, 0]], dtype=torch.float)
+    severity = torch.tensor([0, 0, 0, 2])
+    pos_weight, severity_weight = balanced_weights(categories, severity)
+    assert pos_weight.tolist() == pytest.approx([3.0, 1 / 3, 4.0])  # neg/pos; 4/1 for none
+    # N / (4 · count): 4/(4·3) for safe, 4/(4·1) for moderate, 4/4 where a level is absent.
+    assert severity_weight.tolist() == pytest.approx([1 / 3, 1.0, 1.0, 1.0])
+    many = torch.zeros(100, 1)
+    many[0] = 1.0
+    assert balanced_weights(many, torch.zeros(100, dtype=torch.long))[0].item() == 10.0  # clip
+
+
+def test_binary_prf_and_confusion_by_hand():
+    predicted = torch.tensor([True, True, False, False, True])
+    gold = torch.tensor([True, False, True, False, True])
+    # tp 2, fp 1, fn 1
+    assert binary_prf(predicted, gold) == pytest.approx(
+        {"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3}
+    )
+    nothing = torch.zeros(3, dtype=torch.bool)
+    assert binary_prf(nothing, nothing) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+
+    confusion = severity_confusion(torch.tensor([0, 1, 1, 3, 2]), torch.tensor([0, 1, 2, 3, 3]))
+    expected = [[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1]]  # rows gold
+    assert confusion.tolist() == expected
+
+
+def test_moderation_metrics_by_hand():
+    # 4 items, 19 categories; only categories 0 and 5 ever fire.
+    probs = torch.zeros(4, 19)
+    probs[0, 0] = 0.9  # item 0: category 0, gold {0}          -> match
+    probs[1, 5] = 0.6  # item 1: category 5 at 0.6 < 0.7 thresh -> empty set, gold {5}
+    probs[3, 0] = 0.4  # item 3: 0.4 > 0.3 threshold            -> {0}, gold {} (safe)
+    thresholds = torch.full((19,), 0.5)
+    thresholds[5], thresholds[0] = 0.7, 0.3
+    gold = torch.zeros(4, 19)
+    gold[0, 0] = gold[1, 5] = 1.0
+    severity_pred = torch.tensor([2, 1, 0, 0])
+    severity_gold = torch.tensor([2, 1, 0, 0])
+    is_safe = torch.tensor([False, False, True, True])
+
+    m = moderation_metrics(probs, severity_pred, thresholds, gold, severity_gold, is_safe)
+    # flagged: item 0 (sev 2), item 1 (sev 1), item 3 (category 0 over 0.3); item 2 not.
+    assert m["safety_accuracy"] == pytest.approx(3 / 4)
+    assert m["unsafe_precision"] == pytest.approx(2 / 3)
+    assert m["unsafe_recall"] == pytest.approx(1.0)
+    assert m["unsafe_f1"] == pytest.approx(0.8)
+    assert m["category_exact_match"] == pytest.approx(2 / 4)  # items 0 and 2
+    assert m["severity_accuracy"] == pytest.approx(1.0)
+    assert m["mean_accuracy"] == pytest.approx((3 / 4 + 2 / 4 + 1.0) / 3)
+    name_0, name_5 = (HARM_CATEGORIES[i].replace(" ", "_") for i in (0, 5))
+    assert m[f"category/{name_0}/precision"] == pytest.approx(0.5)  # items 0 and 3 predicted
+    assert m[f"category/{name_0}/recall"] == pytest.approx(1.0)
+    assert m[f"category/{name_5}/f1"] == 0.0
+    assert m["category_macro_f1"] == pytest.approx((2 / 3 + 0.0) / 2)  # categories with gold
+
+
+def test_choose_thresholds_maximises_f1_per_category():
+    grid = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9])
+    probs = torch.tensor(
+        [
+            [0.8, 0.2, 0.6],
+            [0.6, 0.4, 0.4],
+            [0.2, 0.35, 0.9],
+            [0.4, 0.05, 0.1],
+        ]
+    )
+    gold = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 0]])
+    thresholds = choose_thresholds(probs, gold, grid)
+    # Category 0: positives 0.8, 0.6, negatives 0.2, 0.4 -> F1 1 at 0.5 only.
+    # Category 1: positives 0.2, 0.35, negative 0.4 -> best F1 (0.8) at 0.1 (tp 2, fp 1).
+    # Category 2: no positives -> the default 0.5.
+    assert thresholds.tolist() == pytest.approx([0.5, 0.1, 0.5])
+    # Ties: F1 1 for every threshold in [0.3, 0.7] -> the median of the tied ones, 0.5.
+    wide = choose_thresholds(torch.tensor([[0.95], [0.05]]), torch.tensor([[1], [0]]), grid)
+    assert wide.tolist() == pytest.approx([0.5])
+
+
+def test_flag_rule_and_holdout_split():
+    probs = torch.tensor([[0.9] + [0.0] * 18, [0.0] * 19, [0.0] * 19])
+    thresholds = torch.full((19,), 0.5)
+    severity = torch.tensor([0, 1, 3])
+    assert flag(probs, thresholds, severity, 0).tolist() == [True, True, True]
+    assert flag(probs, thresholds, severity, 1).tolist() == [False, False, True]
+    assert flag(probs, thresholds, severity, 3).tolist() == [False, False, False]
+
+    train, holdout = holdout_split(50, 0.1, seed=3)
+    assert len(holdout) == 5 and sorted(train + holdout) == list(range(50))
+    assert (train, holdout) == holdout_split(50, 0.1, seed=3)
+    assert holdout != holdout_split(50, 0.1, seed=4)[1]
+    with pytest.raises(ValueError, match="task.val_fraction"):
+        holdout_split(50, 0.0, seed=0)
+
+
+def test_verdict_to_json():
+    verdict = Verdict(flagged=True, severity=2, categories={"Drugs": 0.75})
+    assert json.loads(verdict.to_json()) == {
+        "flagged": True,
+        "severity": 2,
+        "categories": {"Drugs": 0.75},
+    }
+
+
+def test_single_preference_rows_cannot_train_a_moderator(compose_cfg, tmp_path):
+    from saferlhf.cli import run
+
+    with pytest.raises(ValueError, match="data.kind=single"):
+        run(compose_cfg(*SMALL, "preference=single"), tmp_path)
+
+
+# -- the real stage: `saferlhf task=moderation` -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moderation_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("moderation")
+    result = subprocess.run(
+        [sys.executable, "-m", "saferlhf.cli", *SMALL, f"hydra.run.dir={run_dir}"],
+        capture_output=True,
+        text=True,
+        cwd=run_dir,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # as conftest: one thread, the child only
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _compose(*SMALL), run_dir
+
+
+def _test_items(cfg, tokenizer):
+    items = views.qa_items(load_data(cfg.data).splits["test"])
+    return items, tokenized_items(items, tokenizer, cfg.model.max_length)
+
+
+def _predict(model, items, pad_token_id):
+    module = ModerationModule(model.eval(), lr=0.0, weight_decay=0.0, warmup_ratio=0.0)
+    probs, severity = [], []
+    with torch.inference_mode():
+        for batch in item_loader(items, pad_token_id, batch_size=64, shuffle=False, seed=0):
+            category_logits, severity_logits = split_logits(
+                module(batch["input_ids"], batch["attention_mask"])
+            )
+            probs.append(category_logits.sigmoid())
+            severity.append(severity_logits.argmax(dim=-1))
+    return torch.cat(probs), torch.cat(severity)
+
+
+def _metrics(model, items, pad_token_id, thresholds):
+    probs, severity = _predict(model, items, pad_token_id)
+    return moderation_metrics(
+        probs,
+        severity,
+        thresholds,
+        items.category_targets(),
+        items.severity_targets(),
+        torch.tensor(items.is_safe),
+    )
+
+
+@pytest.mark.slow
+def test_moderation_run_writes_section_8_metrics_and_the_confusion_plot(moderation_run):
+    _, run_dir = moderation_run
+    summary = read_summary(run_dir)
+    assert summary["task"] == "moderation"
+    metrics = summary["metrics"]
+    for name in (
+        "test/safety_accuracy",
+        "test/unsafe_precision",
+        "test/unsafe_recall",
+        "test/unsafe_f1",
+        "test/category_exact_match",
+        "test/severity_accuracy",
+        "val/safety_accuracy",
+    ):
+        assert 0.0 <= metrics[name] <= 1.0, name
+    for category in HARM_CATEGORIES:
+        for kind in ("precision", "recall", "f1"):
+            assert f"test/category/{category.replace(' ', '_')}/{kind}" in metrics
+    confusion = json.loads(Path(summary["artifacts"]["severity_confusion"]).read_text())
+    matrix = torch.tensor(confusion["matrix"])
+    assert matrix.shape == (4, 4) and confusion["rows"] == "gold"
+    assert matrix.diagonal().sum() / matrix.sum() == pytest.approx(
+        metrics["test/severity_accuracy"], abs=1e-6
+    )
+    png = Path(summary["artifacts"]["severity_confusion_plot"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_moderator_learns_and_the_export_reproduces_the_test_metrics(moderation_run):
+    cfg, run_dir = moderation_run
+    summary = read_summary(run_dir)
+    artifact = Path(summary["artifacts"]["moderation"])
+    tokenizer = AutoTokenizer.from_pretrained(artifact)
+    trained = AutoModelForSequenceClassification.from_pretrained(artifact)  # plain HF
+    spec = trained.config.moderation
+    assert spec["categories"] == list(HARM_CATEGORIES) and len(spec["thresholds"]) == 19
+    assert trained.config.id2label[19] == "severity:safe"
+    _, items = _test_items(cfg, tokenizer)
+
+    torch.manual_seed(cfg.seed)
+    untrained = build_score_model(cfg.model, tokenizer, num_labels=23)
+    before = _metrics(untrained, items, tokenizer.pad_token_id, torch.full((19,), 0.5))
+    after = _metrics(trained, items, tokenizer.pad_token_id, torch.tensor(spec["thresholds"]))
+    # The exported folder and its thresholds score exactly what the run reported on test.
+    for name in ("safety_accuracy", "unsafe_f1", "category_exact_match", "severity_accuracy"):
+        assert after[name] == pytest.approx(summary["metrics"][f"test/{name}"], abs=1e-6), name
+    assert after["safety_accuracy"] >= 0.9 and after["unsafe_f1"] >= 0.9
+    assert after["category_exact_match"] >= 0.7 and after["severity_accuracy"] >= 0.75
+    assert after["safety_accuracy"] - before["safety_accuracy"] >= 0.2
+    assert after["category_exact_match"] - before["category_exact_match"] >= 0.4
+    assert after["severity_accuracy"] - before["severity_accuracy"] >= 0.1
+
+
+@pytest.mark.slow
+def test_moderator_api_gives_the_module_verdicts(moderation_run, tmp_path):
+    cfg, run_dir = moderation_run
+    artifact = run_dir / "artifacts" / "moderation"
+    moderator = Moderator.from_pretrained(artifact, device="cpu")
+    raw, items = _test_items(cfg, moderator.tokenizer)
+    model = AutoModelForSequenceClassification.from_pretrained(artifact)
+    probs, severity = _predict(model, items, moderator.tokenizer.pad_token_id)
+    thresholds = torch.tensor(model.config.moderation["thresholds"])
+    flagged = flag(probs, thresholds, severity)
+
+    verdicts = moderator.moderate([i.prompt for i in raw], [i.response for i in raw], batch_size=7)
+    assert len(verdicts) == len(raw)
+    for row, verdict in enumerate(verdicts):
+        assert verdict.severity == int(severity[row])
+        assert verdict.flagged == bool(flagged[row])
+        expected = [name for c, name in enumerate(HARM_CATEGORIES) if probs[row, c] > thresholds[c]]
+        assert list(verdict.categories) == expected
+        assert all(p > thresholds[HARM_CATEGORIES.index(n)] for n, p in verdict.categories.items())
+    assert any(v.flagged for v in verdicts) and not all(v.flagged for v in verdicts)
+
+    model.config.moderation = None  # e.g. a reward model's folder
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not a moderation model"):
+        Moderator.from_pretrained(tmp_path)
+
+
+# -- the CLI ------------------------------------------------------------------------------------
+
+
+def _jsonl(raw) -> list[str]:
+    return [json.dumps({"prompt": i.prompt, "response": i.response}) for i in raw]
+
+
+@pytest.fixture(scope="module")
+def untrained_moderator(tmp_path_factory):
+    """A tiny untrained moderation folder and its items: enough for the CLI's mechanics."""
+    cfg = _compose("task=moderation")
+    rows = generate_benchmark(40, 0, seed=0, label_noise=0.0, benign_fraction=0.35)["train"]
+    raw = views.qa_items(rows)
+    texts = [format_conversation(i.prompt, i.response) for i in raw]
+    tokenizer = train_bpe_tokenizer(texts, cfg.model.tokenizer.vocab_size, 1)
+    torch.manual_seed(0)
+    model = build_score_model(cfg.model, tokenizer, num_labels=23)
+    thresholds = [0.5] * 19
+    directory = tmp_path_factory.mktemp("untrained") / "moderation"
+    return export_moderator(model, tokenizer, thresholds, cfg.model.max_length, directory), raw
+
+
+def test_cli_reports_bad_lines_and_answers_the_rest(untrained_moderator, tmp_path, capsys):
+    artifact, raw = untrained_moderator
+    good = _jsonl(raw[:20])
+    lines = good[:3] + ["not json", '{"prompt": "x"}'] + good[3:10] + [""] + good[10:]
+    lines += ['{"prompt": 1, "response": "y"}', "[1, 2]"]
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_bytes(("\n".join(lines) + "\n").encode() + b'{"prompt": "\xff"}\n')
+
+    status = moderate_main(
+        ["--model", str(artifact), "--input", str(source), "--output", str(output),
+         "--batch-size", "4"]
+    )  # fmt: skip
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "line 4: not valid JSON" in err
+    assert "line 5: missing field 'response'" in err
+    assert "line 24: field 'prompt' must be a string" in err
+    assert "line 25: expected a JSON object" in err
+    assert "line 26: not UTF-8" in err
+    assert "5 bad line(s)" in err
+
+    answers = [json.loads(line) for line in output.read_text().splitlines()]
+    expected_lines = [n for n, text in enumerate(lines, 1) if text in good]
+    assert [a["line"] for a in answers] == expected_lines
+    moderator = Moderator.from_pretrained(artifact, device="cpu")
+    verdicts = moderator.moderate([i.prompt for i in raw[:20]], [i.response for i in raw[:20]])
+    for answer, verdict in zip(answers, verdicts, strict=True):
+        assert (answer["flagged"], answer["severity"]) == (verdict.flagged, verdict.severity)
+        # Other batches pad differently: probabilities agree to float noise.
+        assert answer["categories"] == pytest.approx(verdict.categories, abs=1e-5)
+    assert moderate_main(["--model", str(artifact), "--input", str(tmp_path / "none")]) == 2
+
+
+@pytest.mark.slow
+def test_cli_reads_stdin_and_max_severity_changes_flagging(moderation_run, tmp_path):
+    cfg, run_dir = moderation_run
+    artifact = run_dir / "artifacts" / "moderation"
+    raw, _ = _test_items(cfg, AutoTokenizer.from_pretrained(artifact))
+    text = "\n".join(_jsonl(raw)) + "\n"
+
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "saferlhf-moderate"), "--model", str(artifact)],
+        input=text, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip  # the installed console script, reading stdin, writing stdout
+    assert result.returncode == 0, result.stderr[-2000:]
+    strict = [json.loads(line) for line in result.stdout.splitlines()]
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(text)
+    args = ["--model", str(artifact), "--input", str(source), "--output", str(output)]
+    assert moderate_main([*args, "--max-severity", "1"]) == 0
+    lenient = [json.loads(line) for line in output.read_text().splitlines()]
+
+    assert (
+        [a["line"] for a in strict] == [a["line"] for a in lenient] == list(range(1, len(raw) + 1))
+    )
+    assert [a["severity"] for a in strict] == [a["severity"] for a in lenient]
+    assert all(a["flagged"] == (a["severity"] > 1) for a in lenient)
+    assert sum(a["flagged"] for a in lenient) < sum(a["flagged"] for a in strict)
+    # Minor harm (severity 1) is flagged by default and let through with --max-severity 1.
+    minor = [n for n, a in enumerate(strict) if a["severity"] == 1]
+    assert minor and all(strict[n]["flagged"] and not lenient[n]["flagged"] for n in minor)
+
+
+def test_cli_usage_errors_exit_2(tmp_path, capsys):
+    assert moderate_main(["--model", str(tmp_path / "nowhere")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    assert moderate_main(["--model", str(tmp_path), "--max-severity", "7"]) == 2
+    assert moderate_main([]) == 2  # --model is required
+    assert moderate_main(["--model", str(tmp_path)]) == 2  # a folder without a model
+    assert "no config.json" in capsys.readouterr().err
+    assert moderate_main(["--help"]) == 0
+    assert "--max-severity N" in capsys.readouterr().out
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _InterruptAtStep(Callback):
+    """Stands in for a killed process: stops training mid-epoch, after last.ckpt was written."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise _Interrupt
+
+
+def test_resume_from_last_mid_epoch_ends_exactly_like_an_uninterrupted_run(compose_cfg, tmp_path):
+    from saferlhf.cli import run
+
+    overrides = (
+        *SMALL,
+        "data.benchmark.num_train=150",
+        "data.benchmark.num_test=40",
+        "task.max_epochs=2",
+        "task.checkpoint_every_n_steps=3",
+    )
+    uninterrupted = run(compose_cfg(*overrides), tmp_path / "whole")
+    with pytest.raises(_Interrupt):
+        run(compose_cfg(*overrides), tmp_path / "cut", callbacks=[_InterruptAtStep(7)])
+    checkpoint = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 6  # 9 steps per epoch: the cut is mid-epoch
+    resumed = run(compose_cfg(*overrides, "ckpt_path=last"), tmp_path / "cut")
+    assert resumed == uninterrupted
+    whole, cut = (
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / name / "artifacts/moderation")
+        for name in ("whole", "cut")
+    )
+    assert whole.config.moderation == cut.config.moderation  # the same thresholds
+    for (name, a), (_, b) in zip(whole.state_dict().items(), cut.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
