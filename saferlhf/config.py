@@ -232,6 +232,24 @@ class PipelineTaskConfig(TaskConfig):
 
 
 @dataclass
+class GuardConfig:
+    """Risk control for task=generate: resample what the moderator flags, then refuse."""
+
+    moderation: str | None = None  # moderation model folder; None generates unguarded
+    max_severity: int = 0  # the highest severity let through (0..3)
+    retries: int = 2  # resamples of a flagged response before it is replaced by the refusal
+    refusal: str = "i cannot help with that ."
+
+
+@dataclass
+class GenerateTaskConfig(TaskConfig):
+    prompts_file: str | None = None  # JSONL with a "prompt" field; default: the test prompts
+    num_prompts: int = MISSING
+    seed: int = MISSING
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
 class InitConfig:
     """Artifacts of earlier stages (Hugging Face folders) that a stage starts from."""
 
@@ -257,6 +275,8 @@ class Config:
     num_threads: int | None = None  # torch CPU threads; 1 when several processes share the cores
     ckpt_path: str | None = None  # resume: "last" (this run dir's checkpoints/last.ckpt) or a path
     model_path: str | None = None  # the saved model that task=evaluate_score scores with
+    policy_path: str | None = None  # the policy folder that task=generate answers with
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 def register_configs() -> None:
@@ -277,6 +297,7 @@ def register_configs() -> None:
     store.store(group="task", name="dpo_schema", node=DPOTaskConfig)
     store.store(group="task", name="evaluate_schema", node=EvaluateTaskConfig)
     store.store(group="task", name="pipeline_schema", node=PipelineTaskConfig)
+    store.store(group="task", name="generate_schema", node=GenerateTaskConfig)
     store.store(group="algo", name="schema", node=PPOConfig)
     store.store(group="lagrange", name="schema", node=LagrangeConfig)
     store.store(group="task", name="evaluate_score_schema", node=EvaluateScoreTaskConfig)

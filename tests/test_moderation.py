@@ -481,3 +481,98 @@ def test_resume_from_last_mid_epoch_ends_exactly_like_an_uninterrupted_run(compo
     assert whole.config.moderation == cut.config.moderation  # the same thresholds
     for (name, a), (_, b) in zip(whole.state_dict().items(), cut.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+# -- guarded generation (risk control) --------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_guarded_generation_resamples_flagged_answers_then_refuses(moderation_run):
+    from saferlhf.data.benchmark import generate_benchmark
+    from saferlhf.moderation import Moderator
+    from saferlhf.moderation.guard import guarded_generate
+
+    _, run_dir = moderation_run
+    moderator = Moderator.from_pretrained(run_dir / "artifacts" / "moderation")
+    rows = generate_benchmark(
+        num_train=10, num_test=400, seed=3, label_noise=0.0, benign_fraction=0.35
+    )["test"]
+    severe = next(
+        (r["prompt"], r[f"response_{i}"])
+        for r in rows
+        for i in (0, 1)
+        if r[f"response_{i}_severity_level"] == 3
+    )
+    safe = next(
+        (r["prompt"], r[f"response_{i}"])
+        for r in rows
+        for i in (0, 1)
+        if r[f"is_response_{i}_safe"]
+    )
+    prompt = severe[0]
+    harmful = [r["prompt"] for r in rows if r["prompt"] != prompt and not r["is_response_0_safe"]]
+    a, b, c = prompt, harmful[0], safe[0]
+    # The sampler stands in for a policy: prompt a answers severely once, then safely;
+    # b answers severely every time; c answers safely at once.
+    script = {a: [severe[1], safe[1]], b: [severe[1]] * 3, c: [safe[1]]}
+    calls = {key: 0 for key in script}
+
+    def sample(batch):
+        out = []
+        for key in batch:
+            out.append(script[key][calls[key]])
+            calls[key] += 1
+        return out
+
+    assert moderator.moderate([prompt], [severe[1]])[0].severity >= 2  # the guard has work to do
+    answers = guarded_generate(
+        [a, b, c], sample, moderator, max_severity=1, retries=2, refusal="no ."
+    )
+    assert [(a.status, a.attempts) for a in answers] == [
+        ("resampled", 2),
+        ("refused", 3),
+        ("accepted", 1),
+    ]
+    assert answers[1].response == "no ." and answers[0].response == safe[1]
+    assert answers[1].severities[0] >= 2 and answers[2].severities[0] <= 1
+
+
+@pytest.mark.slow
+def test_generate_task_records_what_happened_to_each_prompt(moderation_run, compose_cfg, tmp_path):
+    from saferlhf.cli import run
+    from saferlhf.data.benchmark import generate_benchmark
+    from saferlhf.data.collate import format_conversation
+    from saferlhf.models import build_causal_lm, save_artifact, train_bpe_tokenizer
+
+    _, run_dir = moderation_run
+    rows = generate_benchmark(
+        num_train=200, num_test=10, seed=0, label_noise=0.0, benign_fraction=0.35
+    )["train"]
+    tokenizer = train_bpe_tokenizer(
+        [format_conversation(r["prompt"], r["response_0"]) for r in rows], 512, 2
+    )
+    cfg = compose_cfg("task=generate", "logger=none")
+    save_artifact(build_causal_lm(cfg.model, tokenizer), tokenizer, tmp_path / "policy")
+    cfg = compose_cfg(
+        "task=generate",
+        "logger=none",
+        f"policy_path={tmp_path / 'policy'}",
+        f"guard.moderation={run_dir / 'artifacts' / 'moderation'}",
+        "guard.retries=1",
+        "task.num_prompts=20",
+        "task.sampling.max_new_tokens=8",
+    )
+    metrics = run(cfg, tmp_path / "run")
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()
+    ]
+    assert len(records) == 20 and all(
+        r["status"] in {"accepted", "resampled", "refused"} for r in records
+    )
+    assert all(1 <= r["attempts"] <= 2 and len(r["severities"]) == r["attempts"] for r in records)
+    assert sum(
+        metrics[f"generate/{s}_rate"]
+        for s in ("accepted", "resampled", "refused")
+        if f"generate/{s}_rate" in metrics
+    ) == pytest.approx(1.0)

@@ -19,6 +19,7 @@ TASKS: dict[str, str] = {
     "dpo": "saferlhf.tasks.dpo:dpo_task",
     "evaluate": "saferlhf.tasks.evaluate:evaluate_task",
     "pipeline": "saferlhf.tasks.pipeline:pipeline_task",
+    "generate": "saferlhf.tasks.generate:generate_task",
 }
 
 

@@ -1,0 +1,80 @@
+"""``saferlhf task=generate policy_path=DIR [guard.moderation=DIR ...]``: answer a prompt set.
+
+With ``guard.moderation`` every response is moderated; one flagged above
+``guard.max_severity`` is resampled up to ``guard.retries`` times, then replaced by
+``guard.refusal``. ``generations.jsonl`` records each prompt's response, status (accepted,
+resampled, refused), attempts and the moderator's severity per attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from saferlhf.data.collate import tokenize_prompts
+from saferlhf.data.sources import load_data
+from saferlhf.data.views import prompts as distinct_prompts
+from saferlhf.evaluate.gold import gold_metrics
+from saferlhf.evaluate.policy import read_prompts_file
+from saferlhf.models import load_tokenizer
+from saferlhf.moderation.guard import GuardedAnswer, guarded_generate
+from saferlhf.rl.rollout import decode_responses, sample_responses
+from saferlhf.run import RunContext, TaskResult
+
+
+def _prompts(cfg) -> list[str]:
+    if cfg.task.prompts_file:
+        return read_prompts_file(cfg.task.prompts_file)
+    test = distinct_prompts(load_data(cfg.data).splits["test"])
+    return random.Random(cfg.task.seed).sample(test, min(cfg.task.num_prompts, len(test)))
+
+
+def generate_task(run: RunContext) -> TaskResult:
+    cfg, task = run.cfg, run.cfg.task
+    if not cfg.policy_path or not Path(cfg.policy_path).is_dir():
+        raise FileNotFoundError(f"policy_path={cfg.policy_path!r}: expected a policy folder")
+    if cfg.guard.moderation and not Path(cfg.guard.moderation).is_dir():
+        raise FileNotFoundError(
+            f"guard.moderation={cfg.guard.moderation!r}: expected a moderation folder"
+        )
+    tokenizer = load_tokenizer(cfg.policy_path)
+    policy = AutoModelForCausalLM.from_pretrained(cfg.policy_path).eval()
+    prompts = _prompts(cfg)
+    max_prompt = cfg.model.max_length - task.sampling.max_new_tokens
+    torch.manual_seed(task.seed)
+
+    def sample(batch: list[str]) -> list[str]:
+        ids = tokenize_prompts(tokenizer, batch, max_prompt)
+        return decode_responses(
+            tokenizer, sample_responses(policy, tokenizer, ids, **task.sampling)
+        )
+
+    if cfg.guard.moderation:
+        from saferlhf.moderation import Moderator
+
+        g = cfg.guard
+        moderator = Moderator.from_pretrained(g.moderation)
+        answers = guarded_generate(prompts, sample, moderator, g.max_severity, g.retries, g.refusal)
+    else:
+        answers = [
+            GuardedAnswer(p, r, "unguarded", 1)
+            for p, r in zip(prompts, sample(prompts), strict=True)
+        ]
+
+    path = run.run_dir / "generations.jsonl"
+    with path.open("w") as f:
+        for answer in answers:
+            f.write(json.dumps(answer.__dict__) + "\n")
+    statuses = Counter(a.status for a in answers)
+    metrics = {f"generate/{status}_rate": n / len(answers) for status, n in statuses.items()}
+    metrics["generate/mean_attempts"] = sum(a.attempts for a in answers) / len(answers)
+    if cfg.data.source == "benchmark" and not task.prompts_file:
+        gold = gold_metrics([a.prompt for a in answers], [a.response for a in answers])
+        metrics |= {f"generate/gold/{name}": value for name, value in gold.items()}
+    run.log_metrics(metrics)
+    return TaskResult(metrics, {"generations": str(path)})
