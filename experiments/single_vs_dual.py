@@ -1,12 +1,15 @@
 """Single- versus dual-preference RLHF on the embedded benchmark: a Hydra sweep, one table, one plot.
 
     python experiments/single_vs_dual.py --base outputs/quickstart/<run>   # artifacts of a quickstart
-    python experiments/single_vs_dual.py --base DIR --aggregate-only SWEEP_DIR
+    python experiments/single_vs_dual.py --base DIR --seeds 0,1,2 --lambda-init 0.1,1.0 --cost-limit -5
+    python experiments/single_vs_dual.py --base DIR --aggregate-only
 
-Runs ``saferlhf -m experiment=single_vs_dual`` (preference=single,dual x seeds x lambda_init,
-see conf/experiment/single_vs_dual.yaml) from the SFT, reward and cost models of BASE, then
-reads every job's summary.json into a table (markdown + JSON) and a Pareto plot of final gold
-helpfulness against final gold unsafe rate, written next to the sweep and printed.
+Two Hydra multiruns of ``experiment=single_vs_dual`` from the SFT, reward and cost models of
+BASE: PPO with the single-preference reward over seeds, and PPO-Lagrangian over seeds x
+lambda_init x lambda_lr x cost limit (single-preference PPO has no λ, so it is not repeated
+per λ setting). Every job's summary.json goes into one table (markdown + JSON) and a Pareto
+plot of final gold helpfulness against final gold unsafe rate, written to BASE_single_vs_dual/
+and printed.
 """
 
 from __future__ import annotations
@@ -27,18 +30,27 @@ FIELDS = (
 )
 
 
-def run_sweep(base: Path, extra: list[str]) -> Path:
-    sweep_dir = base.parent / f"{base.name}_single_vs_dual"
-    command = [
+def run_sweeps(base: Path, sweep_root: Path, args: argparse.Namespace) -> None:
+    common = [
         sys.executable, "-m", "saferlhf.cli", "-m", "experiment=single_vs_dual",
         f"init.policy={base / 'sft/artifacts/policy'}",
         f"init.reward={base}/reward_${{preference.name}}/artifacts/reward",
         f"init.cost={base / 'cost/artifacts/cost'}",
-        "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep_dir}", *extra,
+        "trainer.enable_progress_bar=false", f"seed={args.seeds}", *args.overrides,
     ]  # fmt: skip
-    print(" ".join(command), flush=True)
-    subprocess.run(command, check=True)
-    return sweep_dir
+    sweeps = {
+        "single": ["preference=single"],
+        "dual": [
+            "preference=dual",
+            f"lagrange.lambda_init={args.lambda_init}",
+            f"lagrange.lambda_lr={args.lambda_lr}",
+            f"lagrange.cost_limit={args.cost_limit}",
+        ],
+    }
+    for name, axes in sweeps.items():
+        command = [*common, *axes, f"hydra.sweep.dir={sweep_root / name}"]
+        print(" ".join(command), flush=True)
+        subprocess.run(command, check=True)
 
 
 def collect(sweep_dir: Path) -> list[dict]:
@@ -46,7 +58,7 @@ def collect(sweep_dir: Path) -> list[dict]:
     import yaml
 
     records = []
-    for summary_path in sorted(sweep_dir.glob("*/summary.json")):
+    for summary_path in sorted(sweep_dir.rglob("summary.json")):
         config = yaml.safe_load((summary_path.parent / "config.yaml").read_text())
         metrics = json.loads(summary_path.read_text())["metrics"]
         dual = config["preference"]["name"] == "dual"
@@ -56,6 +68,8 @@ def collect(sweep_dir: Path) -> list[dict]:
                 "preference": config["preference"]["name"],
                 "seed": config["seed"],
                 "lambda_init": config["lagrange"]["lambda_init"] if dual else None,
+                "lambda_lr": config["lagrange"]["lambda_lr"] if dual else None,
+                "cost_limit": config["lagrange"]["cost_limit"] if dual else None,
                 **{f"initial/{f}": metrics[f"initial/{f}"] for f in FIELDS},
                 **{f"final/{f}": metrics[f"final/{f}"] for f in FIELDS},
             }
@@ -66,12 +80,19 @@ def collect(sweep_dir: Path) -> list[dict]:
 def aggregate(records: list[dict]) -> list[dict]:
     """Median and range over seeds per setting; single-preference jobs ignore λ, so they pool."""
     groups: dict[tuple, dict[int, dict]] = defaultdict(dict)
-    for record in records:
-        groups[(record["preference"], record["lambda_init"])][record["seed"]] = record
+    for r in records:
+        groups[(r["preference"], r["lambda_init"], r["lambda_lr"], r["cost_limit"])][r["seed"]] = r
     rows = []
-    for (preference, lambda_init), by_seed in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    for setting, by_seed in sorted(groups.items(), key=lambda kv: str(kv[0])):
         runs = list(by_seed.values())
-        row = {"preference": preference, "lambda_init": lambda_init, "seeds": sorted(by_seed)}
+        preference, lambda_init, lambda_lr, cost_limit = setting
+        row = {
+            "preference": preference,
+            "lambda_init": lambda_init,
+            "lambda_lr": lambda_lr,
+            "cost_limit": cost_limit,
+            "seeds": sorted(by_seed),
+        }
         for stage in ("initial", "final"):
             for field in FIELDS:
                 values = [r[f"{stage}/{field}"] for r in runs]
@@ -144,22 +165,29 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--base", type=Path, required=True, help="a finished quickstart run dir")
+    parser.add_argument("--seeds", default="0,1", help="Hydra sweep values for seed")
+    parser.add_argument("--lambda-init", default="0.1,1.0", help="values for lagrange.lambda_init")
+    parser.add_argument("--lambda-lr", default="0.1", help="values for lagrange.lambda_lr")
+    parser.add_argument("--cost-limit", default="-5.0", help="values for lagrange.cost_limit")
     parser.add_argument(
-        "--aggregate-only", type=Path, help="aggregate this finished sweep dir instead of running"
+        "--aggregate-only", action="store_true", help="aggregate the finished sweeps"
     )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
     args = parser.parse_args()
-    sweep_dir = args.aggregate_only or run_sweep(args.base.resolve(), args.overrides)
-    records = collect(sweep_dir)
+    base = args.base.resolve()
+    sweep_root = base.parent / f"{base.name}_single_vs_dual"
+    if not args.aggregate_only:
+        run_sweeps(base, sweep_root, args)
+    records = collect(sweep_root)
     rows = aggregate(records)
     table = markdown(rows)
-    (sweep_dir / "single_vs_dual.md").write_text(table)
-    (sweep_dir / "single_vs_dual.json").write_text(
+    (sweep_root / "single_vs_dual.md").write_text(table)
+    (sweep_root / "single_vs_dual.json").write_text(
         json.dumps({"rows": rows, "jobs": records}, indent=2) + "\n"
     )
-    pareto_plot(records, sweep_dir / "single_vs_dual_pareto.png")
+    pareto_plot(records, sweep_root / "single_vs_dual_pareto.png")
     print(table)
-    print(f"written: {sweep_dir}/single_vs_dual.{{md,json}} and single_vs_dual_pareto.png")
+    print(f"written: {sweep_root}/single_vs_dual.{{md,json}} and single_vs_dual_pareto.png")
 
 
 if __name__ == "__main__":
