@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -200,3 +201,25 @@ def list_loader(
     return ResumableDataLoader(
         ListDataset(examples), batch_size=batch_size, sampler=sampler, collate_fn=collate_fn
     )
+
+
+class ListDataModule(pl.LightningDataModule):
+    """Train and validation examples in lists, batched by ``collate_fn``; each rank gets its
+    :class:`ShardedSampler` share, and the loaders resume mid-epoch."""
+
+    def __init__(self, train: Sequence, val: Sequence, collate_fn, batch_size: int, seed: int):
+        super().__init__()
+        self.train, self.val, self.collate_fn = train, val, collate_fn
+        self.batch_size, self.seed = batch_size, seed
+
+    def _loader(self, examples: Sequence, shuffle: bool) -> ResumableDataLoader:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        return list_loader(
+            examples, self.collate_fn, self.batch_size, shuffle, self.seed, rank, world
+        )
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        return self._loader(self.train, shuffle=True)
+
+    def val_dataloader(self) -> ResumableDataLoader:
+        return self._loader(self.val, shuffle=False)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from transformers import PreTrainedTokenizerBase
 
 from saferlhf.data import benchmark
@@ -92,6 +93,39 @@ def build_trainer(run: RunContext, task_cfg: DictConfig, callbacks: list[Callbac
         callbacks=[*callbacks, *run.callbacks],
         use_distributed_sampler=False,  # ShardedSampler shards without repeating examples
     )
+
+
+@dataclass
+class FitResult:
+    trainer: pl.Trainer
+    metrics: dict[str, float]  # validation metrics of the best checkpoint
+    best_checkpoint: str
+
+
+def fit_and_validate_best(
+    run: RunContext, module: pl.LightningModule, data: pl.LightningDataModule
+) -> FitResult:
+    """Fit ``module`` (resuming from ``ckpt_path`` when set) keeping the best checkpoint by
+    ``task.monitor`` and a ``last.ckpt`` refreshed mid-epoch, then validate the best
+    checkpoint, whose weights stay loaded in ``module``."""
+    task = run.cfg.task
+    checkpoints = run.run_dir / "checkpoints"
+    best = ModelCheckpoint(
+        dirpath=checkpoints, filename="best", monitor=task.monitor, mode=task.monitor_mode
+    )
+    last = ModelCheckpoint(
+        dirpath=checkpoints,
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=task.checkpoint_every_n_steps,
+    )
+    trainer = build_trainer(run, task, [best, last])
+    trainer.fit(module, datamodule=data, ckpt_path=resolve_ckpt_path(run.cfg, run.run_dir))
+    (metrics,) = trainer.validate(
+        module, datamodule=data, ckpt_path=best.best_model_path, verbose=False
+    )
+    metrics = {name: float(value) for name, value in metrics.items()}
+    return FitResult(trainer, metrics, best.best_model_path)
 
 
 def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:

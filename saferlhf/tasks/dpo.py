@@ -39,12 +39,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
-from pytorch_lightning.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from saferlhf.data import schema, views
 from saferlhf.data.collate import tokenize_prompts, tokenize_sft_examples
-from saferlhf.data.module import LanguageModelingCollator, list_loader
+from saferlhf.data.module import LanguageModelingCollator, ListDataModule
 from saferlhf.data.sources import load_data
 from saferlhf.evaluate.gold import gold_metrics
 from saferlhf.losses import dpo_loss, sequence_log_probs
@@ -53,9 +52,8 @@ from saferlhf.rl.rollout import decode_responses, sample_responses
 from saferlhf.run import RunContext, TaskResult
 from saferlhf.tasks.common import (
     adamw_with_schedule,
-    build_trainer,
+    fit_and_validate_best,
     required_artifact,
-    resolve_ckpt_path,
 )
 
 # The fixed-prompt gold evaluation. DPOTaskConfig has no sampling fields, so these are pinned
@@ -244,26 +242,6 @@ class DPOModule(pl.LightningModule):
         )
 
 
-class PreferenceDataModule(pl.LightningDataModule):
-    def __init__(self, train: list, val: list, pad_token_id: int, batch_size: int, seed: int):
-        super().__init__()
-        self.train, self.val = train, val
-        self.collate = PreferenceCollator(pad_token_id)
-        self.batch_size, self.seed = batch_size, seed
-
-    def _loader(self, examples, shuffle):
-        t = self.trainer
-        return list_loader(
-            examples, self.collate, self.batch_size, shuffle, self.seed, t.global_rank, t.world_size
-        )
-
-    def train_dataloader(self):
-        return self._loader(self.train, shuffle=True)
-
-    def val_dataloader(self):
-        return self._loader(self.val, shuffle=False)
-
-
 # -- the fixed-prompt gold evaluation -----------------------------------------------------------
 
 
@@ -324,32 +302,20 @@ def dpo_task(run: RunContext) -> TaskResult:
     val = tokenize_pairs(tokenizer, training_pairs(cfg, loaded.splits["test"]), max_length)
 
     module = DPOModule(policy, reference, task.beta, task.lr, task.weight_decay, task.warmup_ratio)
-    data = PreferenceDataModule(train, val, tokenizer.pad_token_id, task.batch_size, cfg.seed)
-    checkpoints = run.run_dir / "checkpoints"
-    best = ModelCheckpoint(
-        dirpath=checkpoints, filename="best", monitor=task.monitor, mode=task.monitor_mode
+    data = ListDataModule(
+        train, val, PreferenceCollator(tokenizer.pad_token_id), task.batch_size, cfg.seed
     )
-    last = ModelCheckpoint(
-        dirpath=checkpoints,
-        save_last=True,
-        save_top_k=0,
-        every_n_train_steps=task.checkpoint_every_n_steps,
-    )
-    trainer = build_trainer(run, task, [best, last])
-    trainer.fit(module, datamodule=data, ckpt_path=resolve_ckpt_path(cfg, run.run_dir))
-    (metrics,) = trainer.validate(
-        module, datamodule=data, ckpt_path=best.best_model_path, verbose=False
-    )
-    metrics = {name: float(value) for name, value in metrics.items()}
+    fit = fit_and_validate_best(run, module, data)
+    metrics = fit.metrics
 
     artifact = Path(run.run_dir) / "artifacts" / "policy"
-    if trainer.is_global_zero:
+    if fit.trainer.is_global_zero:
         save_artifact(module.policy, tokenizer, artifact)
         if cfg.data.source == "benchmark":
             prompts = eval_prompts(loaded.splits["test"])
-            device = trainer.strategy.root_device
+            device = fit.trainer.strategy.root_device
             for stage, model in (("initial", module.reference), ("final", module.policy)):
                 gold = fixed_prompt_gold(model.to(device), tokenizer, prompts, max_length)
                 metrics |= {f"{stage}/gold/{name}": value for name, value in gold.items()}
             run.log_metrics({k: v for k, v in metrics.items() if "/gold/" in k})
-    return TaskResult(metrics, {"policy": str(artifact), "checkpoint": best.best_model_path})
+    return TaskResult(metrics, {"policy": str(artifact), "checkpoint": fit.best_checkpoint})

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -41,9 +40,8 @@ from saferlhf.moderation.api import (
 from saferlhf.run import RunContext, TaskResult
 from saferlhf.tasks.common import (
     adamw_with_schedule,
-    build_trainer,
+    fit_and_validate_best,
     model_config,
-    resolve_ckpt_path,
     tokenizer_for,
 )
 
@@ -578,32 +576,21 @@ def moderation_task(run: RunContext) -> TaskResult:
         model, task.lr, task.weight_decay, task.warmup_ratio, pos_weight, severity_weight
     )
     data = ItemDataModule(train, holdout, tokenizer.pad_token_id, task.batch_size, cfg.seed)
-    checkpoints = run.run_dir / "checkpoints"
-    best = ModelCheckpoint(dirpath=checkpoints, filename="best", monitor=task.monitor, mode="max")
-    last = ModelCheckpoint(
-        dirpath=checkpoints,
-        save_last=True,
-        save_top_k=0,
-        every_n_train_steps=task.checkpoint_every_n_steps,
-    )
-    trainer = build_trainer(run, task, [best, last])
-    trainer.fit(module, datamodule=data, ckpt_path=resolve_ckpt_path(cfg, run.run_dir))
+    fit = fit_and_validate_best(run, module, data)
 
     # The best checkpoint's holdout predictions choose the thresholds (val/* use 0.5) ...
-    (val_metrics,) = trainer.validate(
-        module, datamodule=data, ckpt_path=best.best_model_path, verbose=False
-    )
+    val_metrics = fit.metrics
     out = module.outputs
     thresholds = choose_thresholds(out["category_probs"], out["categories"], THRESHOLD_GRID)
     module.thresholds.copy_(thresholds)
     # ... and the test split, never seen before, gives the reported metrics.
-    (test_metrics,) = trainer.test(module, dataloaders=data.loader(test), verbose=False)
+    (test_metrics,) = fit.trainer.test(module, dataloaders=data.loader(test), verbose=False)
     out = module.outputs
     confusion = severity_confusion(out["severity_pred"], out["severity"])
 
     artifact = Path(run.run_dir) / "artifacts" / "moderation"
-    artifacts = {"moderation": str(artifact), "checkpoint": best.best_model_path}
-    if trainer.is_global_zero:
+    artifacts = {"moderation": str(artifact), "checkpoint": fit.best_checkpoint}
+    if fit.trainer.is_global_zero:
         export_moderator(module.model, tokenizer, thresholds.tolist(), max_length, artifact)
         artifacts |= write_confusion(
             confusion, Path(run.run_dir), test_metrics["test/severity_accuracy"]

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
-from pytorch_lightning.callbacks import ModelCheckpoint
 from transformers import PreTrainedModel
 
 from saferlhf.data import views
@@ -29,10 +28,9 @@ from saferlhf.models import build_score_model, save_artifact
 from saferlhf.run import RunContext, TaskResult
 from saferlhf.tasks.common import (
     adamw_with_schedule,
-    build_trainer,
+    fit_and_validate_best,
     gold_scores,
     model_config,
-    resolve_ckpt_path,
     tokenizer_for,
 )
 
@@ -249,26 +247,12 @@ def score_task(run: RunContext) -> TaskResult:
     task = cfg.task
     module = ScoreModule(model, objective, task.lr, task.weight_decay, task.warmup_ratio, task.reg)
     data = PairDataModule(train, val, tokenizer.pad_token_id, task.batch_size, cfg.seed)
-    checkpoints = run.run_dir / "checkpoints"
-    best = ModelCheckpoint(
-        dirpath=checkpoints, filename="best", monitor=task.monitor, mode=task.monitor_mode
-    )
-    last = ModelCheckpoint(
-        dirpath=checkpoints,
-        save_last=True,
-        save_top_k=0,
-        every_n_train_steps=task.checkpoint_every_n_steps,
-    )
-    trainer = build_trainer(run, task, [best, last])
-    trainer.fit(module, datamodule=data, ckpt_path=resolve_ckpt_path(cfg, run.run_dir))
+    fit = fit_and_validate_best(run, module, data)
 
-    (metrics,) = trainer.validate(
-        module, datamodule=data, ckpt_path=best.best_model_path, verbose=False
-    )
     artifact = Path(run.run_dir) / "artifacts" / objective
-    if trainer.is_global_zero:
+    if fit.trainer.is_global_zero:
         save_artifact(module.model, tokenizer, artifact)
     return TaskResult(
-        metrics={name: float(value) for name, value in metrics.items()},
-        artifacts={objective: str(artifact), "checkpoint": best.best_model_path},
+        metrics=fit.metrics,
+        artifacts={objective: str(artifact), "checkpoint": fit.best_checkpoint},
     )

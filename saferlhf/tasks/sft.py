@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
 from transformers import PreTrainedModel
 
 from saferlhf.data.collate import tokenize_sft_examples
-from saferlhf.data.module import LanguageModelingCollator, list_loader
+from saferlhf.data.module import LanguageModelingCollator, ListDataModule
 from saferlhf.data.sources import load_data
 from saferlhf.data.views import qa_items
 from saferlhf.losses import selective_log_softmax
@@ -24,9 +23,8 @@ from saferlhf.models import build_causal_lm, save_artifact
 from saferlhf.run import RunContext, TaskResult
 from saferlhf.tasks.common import (
     adamw_with_schedule,
-    build_trainer,
+    fit_and_validate_best,
     model_config,
-    resolve_ckpt_path,
     tokenizer_for,
 )
 
@@ -81,26 +79,6 @@ class SFTModule(pl.LightningModule):
         )
 
 
-class SFTDataModule(pl.LightningDataModule):
-    def __init__(self, train: list, val: list, pad_token_id: int, batch_size: int, seed: int):
-        super().__init__()
-        self.train, self.val = train, val
-        self.collate = LanguageModelingCollator(pad_token_id)
-        self.batch_size, self.seed = batch_size, seed
-
-    def _loader(self, examples, shuffle):
-        t = self.trainer
-        return list_loader(
-            examples, self.collate, self.batch_size, shuffle, self.seed, t.global_rank, t.world_size
-        )
-
-    def train_dataloader(self):
-        return self._loader(self.train, shuffle=True)
-
-    def val_dataloader(self):
-        return self._loader(self.val, shuffle=False)
-
-
 def sft_examples(rows, tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
     items = qa_items(rows)
     return tokenize_sft_examples(
@@ -119,25 +97,13 @@ def sft_task(run: RunContext) -> TaskResult:
     val = sft_examples(loaded.splits["test"], tokenizer, cfg.model.max_length)
 
     module = SFTModule(model, task.lr, task.weight_decay, task.warmup_ratio)
-    data = SFTDataModule(train, val, tokenizer.pad_token_id, task.batch_size, cfg.seed)
-    checkpoints = run.run_dir / "checkpoints"
-    best = ModelCheckpoint(
-        dirpath=checkpoints, filename="best", monitor=task.monitor, mode=task.monitor_mode
+    data = ListDataModule(
+        train, val, LanguageModelingCollator(tokenizer.pad_token_id), task.batch_size, cfg.seed
     )
-    last = ModelCheckpoint(
-        dirpath=checkpoints,
-        save_last=True,
-        save_top_k=0,
-        every_n_train_steps=task.checkpoint_every_n_steps,
-    )
-    trainer = build_trainer(run, task, [best, last])
-    trainer.fit(module, datamodule=data, ckpt_path=resolve_ckpt_path(cfg, run.run_dir))
-    (metrics,) = trainer.validate(
-        module, datamodule=data, ckpt_path=best.best_model_path, verbose=False
-    )
+    fit = fit_and_validate_best(run, module, data)
+    metrics = fit.metrics
 
     artifact = Path(run.run_dir) / "artifacts" / "policy"
-    if trainer.is_global_zero:
+    if fit.trainer.is_global_zero:
         save_artifact(module.model, tokenizer, artifact)
-    metrics = {name: float(value) for name, value in metrics.items()}
-    return TaskResult(metrics, {"policy": str(artifact), "checkpoint": best.best_model_path})
+    return TaskResult(metrics, {"policy": str(artifact), "checkpoint": fit.best_checkpoint})
