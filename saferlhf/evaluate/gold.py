@@ -30,3 +30,12 @@ def gold_metrics(
         "unsafe_rate_harmful": _mean([float(not s.is_safe) for s in on_harmful]),
         "clean_rate": _mean([float(s.clean) for s in scores]),
     }
+
+
+def fixed_eval_prompts(prompts: Sequence[str], count: int, seed: int) -> list[str]:
+    """``count`` of ``prompts`` in a seeded order: the fixed set that initial and final policies
+    (PPO and DPO alike) are judged on."""
+    import torch
+
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))
+    return [prompts[i] for i in order[:count].tolist()]

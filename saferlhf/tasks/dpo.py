@@ -45,7 +45,7 @@ from saferlhf.data import schema, views
 from saferlhf.data.collate import tokenize_prompts, tokenize_sft_examples
 from saferlhf.data.module import LanguageModelingCollator, ListDataModule
 from saferlhf.data.sources import load_data
-from saferlhf.evaluate.gold import gold_metrics
+from saferlhf.evaluate.gold import fixed_eval_prompts, gold_metrics
 from saferlhf.losses import dpo_loss, sequence_log_probs
 from saferlhf.models import load_tokenizer, save_artifact
 from saferlhf.rl.rollout import decode_responses, sample_responses
@@ -247,9 +247,7 @@ class DPOModule(pl.LightningModule):
 
 def eval_prompts(test_rows: views.Rows) -> list[str]:
     """``EVAL_PROMPTS`` distinct test prompts in a seeded order (the set task=ppo judges on)."""
-    prompts = views.prompts(test_rows)
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(EVAL_SEED))
-    return [prompts[i] for i in order[:EVAL_PROMPTS].tolist()]
+    return fixed_eval_prompts(views.prompts(test_rows), EVAL_PROMPTS, EVAL_SEED)
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from saferlhf.data import views
 from saferlhf.data.collate import tokenize_prompts, tokenize_sft_examples
 from saferlhf.data.module import LanguageModelingCollator, list_loader
 from saferlhf.data.sources import load_data
-from saferlhf.evaluate.gold import gold_metrics
+from saferlhf.evaluate.gold import fixed_eval_prompts, gold_metrics
 from saferlhf.losses import (
     combined_advantages,
     entropy_from_logits,
@@ -321,7 +321,8 @@ class PPOModule(pl.LightningModule):
         """Learned reward and cost (and gold metrics on the benchmark) of responses to the
         fixed eval prompts, sampled with a fixed seed without disturbing the training RNG."""
         responses, rewards, costs = [], [], []
-        with torch.random.fork_rng(devices=[]):
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(self.eval_seed)
             for start in range(0, len(self.eval_prompt_ids), EVAL_BATCH):
                 chunk = self.eval_prompt_ids[start : start + EVAL_BATCH]
@@ -453,10 +454,7 @@ def ppo_task(run: RunContext) -> TaskResult:
     max_prompt = cfg.model.max_length - algo.sampling.max_new_tokens
     train_prompts = views.prompts(loaded.splits["train"])
     test_prompts = views.prompts(loaded.splits["test"])
-    eval_order = torch.randperm(
-        len(test_prompts), generator=torch.Generator().manual_seed(cfg.task.eval_seed)
-    )
-    eval_prompts = [test_prompts[i] for i in eval_order[: cfg.task.eval_prompts].tolist()]
+    eval_prompts = fixed_eval_prompts(test_prompts, cfg.task.eval_prompts, cfg.task.eval_seed)
     ptx = None
     if algo.ptx_coef > 0:
         items = views.qa_items(loaded.splits["train"])
