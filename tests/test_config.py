@@ -77,3 +77,10 @@ def test_typo_from_the_shell_fails_with_the_key_named(tmp_path):
     assert result.returncode != 0
     assert "num_trian" in result.stderr
     assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_composes_under_its_own_name(compose_cfg, experiment):
+    cfg = compose_cfg(f"experiment={experiment}")
+    assert cfg.experiment_name == experiment
+    OmegaConf.to_container(cfg, resolve=False)
