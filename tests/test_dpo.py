@@ -2,7 +2,6 @@
 
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from saferlhf.data.schema import empty_harm_categories
 from saferlhf.data.sources import load_data
 from saferlhf.data.views import PreferencePair
 from saferlhf.losses import dpo_loss
-from saferlhf.models import build_causal_lm, load_tokenizer, train_bpe_tokenizer
+from saferlhf.models import build_causal_lm, load_tokenizer
 from saferlhf.run import read_summary
 from saferlhf.tasks.dpo import (
     DPOModule,
@@ -29,6 +28,7 @@ from saferlhf.tasks.dpo import (
     training_pairs,
 )
 from tests.rows import preference_row
+from tests.tiny import benchmark_tokenizer, micro_model_cfg
 
 SMALL = (
     "logger=csv",
@@ -114,22 +114,9 @@ def test_sequence_log_probs_match_a_token_loop_over_the_response():
     rows = generate_benchmark(
         num_train=200, num_test=10, seed=0, label_noise=0.0, benign_fraction=0.35
     )["train"]
-    texts = [format_conversation(r["prompt"], r[f"response_{i}"]) for r in rows for i in (0, 1)]
-    tokenizer = train_bpe_tokenizer(texts, vocab_size=512, min_frequency=2)
-    arch = {
-        "model_type": "llama",
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "intermediate_size": 64,
-        "max_position_embeddings": 256,
-        "tie_word_embeddings": True,
-    }
+    tokenizer = benchmark_tokenizer(num_train=200, vocab_size=512)
     torch.manual_seed(0)
-    model = build_causal_lm(
-        SimpleNamespace(name_or_path=None, dtype="float32", arch=arch), tokenizer
-    ).eval()
+    model = build_causal_lm(micro_model_cfg(), tokenizer).eval()
     pairs = [PreferencePair(r["prompt"], r["response_0"], r["response_1"]) for r in list(rows)[:3]]
     batch = PreferenceCollator(tokenizer.pad_token_id)(
         [(example, 1.0) for example in tokenize_pairs(tokenizer, pairs, max_length=128)]

@@ -15,8 +15,8 @@ from hydra.errors import ConfigCompositionException
 from saferlhf import CONF_DIR
 from saferlhf.cli import run
 from saferlhf.config import register_configs
-from saferlhf.data.benchmark import Oracle, generate_benchmark
-from saferlhf.data.collate import format_conversation, tokenize_conversations
+from saferlhf.data.benchmark import Oracle
+from saferlhf.data.collate import tokenize_conversations
 from saferlhf.evaluate import judge
 from saferlhf.evaluate.policy import (
     arena_counts,
@@ -26,8 +26,9 @@ from saferlhf.evaluate.policy import (
     read_prompts_file,
     win_rate,
 )
-from saferlhf.models import build_causal_lm, build_score_model, save_artifact, train_bpe_tokenizer
+from saferlhf.models import build_causal_lm, build_score_model, save_artifact
 from saferlhf.run import read_summary
+from tests.tiny import benchmark_tokenizer, micro_model_cfg
 
 # -- pure functions, by hand -------------------------------------------------------------------
 
@@ -226,25 +227,6 @@ def test_judge_errors_name_the_base_url():
 
 # -- tiny artifacts ----------------------------------------------------------------------------
 
-ARCH = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "intermediate_size": 64,
-    "max_position_embeddings": 256,
-    "tie_word_embeddings": True,
-}
-
-
-def _tokenizer(vocab_size):
-    rows = generate_benchmark(
-        num_train=300, num_test=10, seed=0, label_noise=0.0, benign_fraction=0.35
-    )["train"]
-    texts = [format_conversation(r["prompt"], r[f"response_{i}"]) for r in rows for i in (0, 1)]
-    return train_bpe_tokenizer(texts, vocab_size=vocab_size, min_frequency=2)
-
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
@@ -253,10 +235,9 @@ def artifacts(tmp_path_factory):
     scaled so that scores spread over a few units as trained ones do."""
     from saferlhf.tasks.moderation import export_moderator
 
-    cfg = SimpleNamespace(
-        name="tiny", name_or_path=None, dtype="float32", trust_remote_code=False, arch=ARCH
-    )
-    tokenizer, other_tokenizer = _tokenizer(1024), _tokenizer(700)
+    cfg = micro_model_cfg()
+    tokenizer = benchmark_tokenizer(num_train=300, vocab_size=1024)
+    other_tokenizer = benchmark_tokenizer(num_train=300, vocab_size=700)
     root = tmp_path_factory.mktemp("artifacts")
     for seed, name in ((0, "policy_a"), (1, "policy_b")):
         torch.manual_seed(seed)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from pytorch_lightning.callbacks import Callback
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from saferlhf.data import views
@@ -39,6 +38,7 @@ from saferlhf.tasks.moderation import (
     severity_confusion,
     tokenized_items,
 )
+from tests.tiny import Interrupt, InterruptAt
 
 SMALL = (
     "task=moderation",
@@ -442,21 +442,6 @@ def test_cli_usage_errors_exit_2(tmp_path, capsys):
     assert "--max-severity N" in capsys.readouterr().out
 
 
-class _Interrupt(Exception):
-    pass
-
-
-class _InterruptAtStep(Callback):
-    """Stands in for a killed process: stops training mid-epoch, after last.ckpt was written."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise _Interrupt
-
-
 def test_resume_from_last_mid_epoch_ends_exactly_like_an_uninterrupted_run(compose_cfg, tmp_path):
     from saferlhf.cli import run
 
@@ -468,8 +453,8 @@ def test_resume_from_last_mid_epoch_ends_exactly_like_an_uninterrupted_run(compo
         "task.checkpoint_every_n_steps=3",
     )
     uninterrupted = run(compose_cfg(*overrides), tmp_path / "whole")
-    with pytest.raises(_Interrupt):
-        run(compose_cfg(*overrides), tmp_path / "cut", callbacks=[_InterruptAtStep(7)])
+    with pytest.raises(Interrupt):
+        run(compose_cfg(*overrides), tmp_path / "cut", callbacks=[InterruptAt(global_step=7)])
     checkpoint = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 6  # 9 steps per epoch: the cut is mid-epoch
     resumed = run(compose_cfg(*overrides, "ckpt_path=last"), tmp_path / "cut")

@@ -4,13 +4,11 @@ import json
 
 import pytest
 import torch
-from pytorch_lightning.callbacks import Callback
 from transformers import AutoModelForCausalLM
 
 from saferlhf.cli import run
-from saferlhf.data.benchmark import generate_benchmark
-from saferlhf.data.collate import format_conversation, tokenize_prompts
-from saferlhf.models import build_causal_lm, build_score_model, save_artifact, train_bpe_tokenizer
+from saferlhf.data.collate import tokenize_prompts
+from saferlhf.models import build_causal_lm, build_score_model, save_artifact
 from saferlhf.rl.lagrange import LagrangeMultiplier
 from saferlhf.rl.rollout import (
     Rollout,
@@ -22,37 +20,17 @@ from saferlhf.rl.rollout import (
     token_values,
 )
 from saferlhf.run import read_summary
+from tests.tiny import Interrupt, InterruptAt, benchmark_tokenizer, micro_model_cfg
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    rows = generate_benchmark(
-        num_train=400, num_test=10, seed=0, label_noise=0.0, benign_fraction=0.35
-    )["train"]
-    texts = [format_conversation(r["prompt"], r[f"response_{i}"]) for r in rows for i in (0, 1)]
-    return train_bpe_tokenizer(texts, vocab_size=1024, min_frequency=2)
+    return benchmark_tokenizer(num_train=400, vocab_size=1024)
 
 
 @pytest.fixture(scope="module")
 def tiny_models(tokenizer):
-    from types import SimpleNamespace
-
-    cfg = SimpleNamespace(
-        name="tiny",
-        name_or_path=None,
-        dtype="float32",
-        trust_remote_code=False,
-        arch={
-            "model_type": "llama",
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "intermediate_size": 64,
-            "max_position_embeddings": 256,
-            "tie_word_embeddings": True,
-        },
-    )
+    cfg = micro_model_cfg()
     torch.manual_seed(0)
     return cfg, build_causal_lm(cfg, tokenizer).eval(), build_score_model(cfg, tokenizer).eval()
 
@@ -171,27 +149,14 @@ def _ppo(compose_cfg, artifacts, *overrides):
     )
 
 
-class _Interrupt(Exception):
-    pass
-
-
-class _InterruptAtIteration(Callback):
-    def __init__(self, iteration):
-        self.iteration = iteration
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx == self.iteration:
-            raise _Interrupt
-
-
 def test_ppo_lagrangian_resumes_exactly_from_last(compose_cfg, untrained_artifacts, tmp_path):
     overrides = ("algo.iterations=6", "task.checkpoint_every=2")
     whole = run(_ppo(compose_cfg, untrained_artifacts, *overrides), tmp_path / "whole")
-    with pytest.raises(_Interrupt):
+    with pytest.raises(Interrupt):
         run(
             _ppo(compose_cfg, untrained_artifacts, *overrides),
             tmp_path / "cut",
-            callbacks=[_InterruptAtIteration(5)],
+            callbacks=[InterruptAt(batch_idx=5)],
         )
     resumed = run(
         _ppo(compose_cfg, untrained_artifacts, *overrides, "ckpt_path=last"), tmp_path / "cut"

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from pytorch_lightning.callbacks import Callback
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from saferlhf.cli import run
@@ -19,6 +18,7 @@ from saferlhf.models import build_score_model
 from saferlhf.run import read_summary
 from saferlhf.tasks.common import tokenizer_for
 from saferlhf.tasks.score import ScoreModule, tokenized_pairs
+from tests.tiny import Interrupt, InterruptAt
 
 SMALL = (
     "logger=csv",
@@ -109,21 +109,6 @@ def test_single_preference_trains_a_reward_model_and_no_cost_model(compose_cfg, 
         run(compose_cfg("task=cost", "preference=single", *SMALL), tmp_path / "cost")
 
 
-class _Interrupt(Exception):
-    pass
-
-
-class _InterruptAtStep(Callback):
-    """Stands in for a killed process: stops training mid-epoch, after last.ckpt was written."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise _Interrupt
-
-
 def test_resume_from_last_mid_epoch_ends_exactly_like_an_uninterrupted_run(compose_cfg, tmp_path):
     overrides = (
         "task=reward",
@@ -135,8 +120,8 @@ def test_resume_from_last_mid_epoch_ends_exactly_like_an_uninterrupted_run(compo
         "trainer.enable_progress_bar=false",
     )
     uninterrupted = run(compose_cfg(*overrides), tmp_path / "whole")
-    with pytest.raises(_Interrupt):
-        run(compose_cfg(*overrides), tmp_path / "cut", callbacks=[_InterruptAtStep(7)])
+    with pytest.raises(Interrupt):
+        run(compose_cfg(*overrides), tmp_path / "cut", callbacks=[InterruptAt(global_step=7)])
     checkpoint = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 6  # 10 steps per epoch: the cut is mid-epoch
     resumed = run(compose_cfg(*overrides, "ckpt_path=last"), tmp_path / "cut")

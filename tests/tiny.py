@@ -1,0 +1,54 @@
+"""Shared test helpers: a micro model config, a tokenizer trained on benchmark text, and a
+callback that stands in for a killed process."""
+
+from types import SimpleNamespace
+
+from pytorch_lightning.callbacks import Callback
+
+from saferlhf.data.benchmark import generate_benchmark
+from saferlhf.data.collate import format_conversation
+from saferlhf.models import train_bpe_tokenizer
+
+# Smaller than conf/model/tiny.yaml: these models only need to run, not to learn.
+MICRO_ARCH = {
+    "model_type": "llama",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
+}
+
+
+def micro_model_cfg() -> SimpleNamespace:
+    """What saferlhf.models' builders read from ``cfg.model``, for MICRO_ARCH."""
+    return SimpleNamespace(
+        name="micro", name_or_path=None, dtype="float32", trust_remote_code=False, arch=MICRO_ARCH
+    )
+
+
+def benchmark_tokenizer(num_train: int, vocab_size: int):
+    """A BPE tokenizer trained on both responses of ``num_train`` benchmark rows (seed 0)."""
+    rows = generate_benchmark(
+        num_train=num_train, num_test=10, seed=0, label_noise=0.0, benign_fraction=0.35
+    )["train"]
+    texts = [format_conversation(r["prompt"], r[f"response_{i}"]) for r in rows for i in (0, 1)]
+    return train_bpe_tokenizer(texts, vocab_size=vocab_size, min_frequency=2)
+
+
+class Interrupt(Exception):
+    pass
+
+
+class InterruptAt(Callback):
+    """Stands in for a killed process: raises before training batch ``batch_idx`` of the
+    first epoch, or once ``trainer.global_step`` reaches ``global_step``."""
+
+    def __init__(self, *, batch_idx: int | None = None, global_step: int | None = None):
+        self.batch_idx, self.global_step = batch_idx, global_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.batch_idx or trainer.global_step == self.global_step:
+            raise Interrupt
