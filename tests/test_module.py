@@ -3,7 +3,7 @@ from collections import Counter
 import pytest
 
 from saferlhf.data.module import (
-    PairDataset,
+    ListDataset,
     ResumableDataLoader,
     ShardedSampler,
     TokenizedPairs,
@@ -48,12 +48,9 @@ def _pairs(n):
 
 
 def test_padding_slots_have_weight_zero():
-    dataset = PairDataset(_pairs(3))
-    assert (
-        dataset[2]["weight"] == 1.0
-        and dataset[3]["weight"] == 0.0
-        and dataset[3]["first"] == [0, 1]
-    )
+    dataset = ListDataset(_pairs(3))
+    (_, weight_2), (padding, weight_3) = dataset[2], dataset[3]
+    assert weight_2 == 1.0 and weight_3 == 0.0 and padding["first"] == [0, 1]
 
 
 def test_pair_batches_stack_firsts_then_seconds():

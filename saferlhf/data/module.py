@@ -97,24 +97,12 @@ class TokenizedPairs:
     def __len__(self) -> int:
         return len(self.first)
 
-
-class PairDataset(Dataset):
-    def __init__(self, pairs: TokenizedPairs):
-        self.pairs = pairs
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int) -> dict:
-        weight = 1.0 if index < len(self.pairs) else 0.0  # padding slot of ShardedSampler
-        i = index % len(self.pairs)
-        p = self.pairs
+    def __getitem__(self, i: int) -> dict:
         return {
-            "first": p.first[i],
-            "second": p.second[i],
-            "signs": (p.first_sign[i], p.second_sign[i]),
-            "gold": (p.first_gold[i], p.second_gold[i]),
-            "weight": weight,
+            "first": self.first[i],
+            "second": self.second[i],
+            "signs": (self.first_sign[i], self.second_sign[i]),
+            "gold": (self.first_gold[i], self.second_gold[i]),
         }
 
 
@@ -124,19 +112,17 @@ class PairCollator:
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
-    def __call__(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: Sequence[tuple[dict, float]]) -> dict[str, torch.Tensor]:
+        items = [item for item, _ in batch]
         sequences = [item["first"] for item in items] + [item["second"] for item in items]
         input_ids, attention_mask = pad_sequences(sequences, self.pad_token_id, side="right")
+        per_response = lambda key: torch.tensor([i[key] for i in items], dtype=torch.float).T  # noqa: E731
         return {
             "input_ids": input_ids,  # (2B, T)
             "attention_mask": attention_mask,
-            "signs": torch.tensor([item["signs"] for item in items], dtype=torch.float).T.reshape(
-                -1
-            ),  # (2B,)
-            "gold": torch.tensor([item["gold"] for item in items], dtype=torch.float).T.reshape(
-                -1
-            ),  # (2B,)
-            "weight": torch.tensor([item["weight"] for item in items], dtype=torch.float),  # (B,)
+            "signs": per_response("signs").reshape(-1),  # (2, B) -> (2B,)
+            "gold": per_response("gold").reshape(-1),  # (2B,)
+            "weight": torch.tensor([weight for _, weight in batch], dtype=torch.float),  # (B,)
         }
 
 
@@ -149,12 +135,8 @@ def pair_loader(
     rank: int = 0,
     world_size: int = 1,
 ) -> ResumableDataLoader:
-    sampler = ShardedSampler(len(pairs), shuffle, seed, rank, world_size)
-    return ResumableDataLoader(
-        PairDataset(pairs),
-        batch_size=batch_size,
-        sampler=sampler,
-        collate_fn=PairCollator(pad_token_id),
+    return list_loader(
+        pairs, PairCollator(pad_token_id), batch_size, shuffle, seed, rank, world_size
     )
 
 
@@ -212,14 +194,14 @@ class ListDataModule(pl.LightningDataModule):
         self.train, self.val, self.collate_fn = train, val, collate_fn
         self.batch_size, self.seed = batch_size, seed
 
-    def _loader(self, examples: Sequence, shuffle: bool) -> ResumableDataLoader:
+    def loader(self, examples: Sequence, shuffle: bool = False) -> ResumableDataLoader:
         rank, world = self.trainer.global_rank, self.trainer.world_size
         return list_loader(
             examples, self.collate_fn, self.batch_size, shuffle, self.seed, rank, world
         )
 
     def train_dataloader(self) -> ResumableDataLoader:
-        return self._loader(self.train, shuffle=True)
+        return self.loader(self.train, shuffle=True)
 
     def val_dataloader(self) -> ResumableDataLoader:
-        return self._loader(self.val, shuffle=False)
+        return self.loader(self.val)

@@ -20,12 +20,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from saferlhf.data import views
 from saferlhf.data.collate import pad_sequences, tokenize_conversations
-from saferlhf.data.module import ResumableDataLoader, ShardedSampler
+from saferlhf.data.module import ListDataModule, ResumableDataLoader, list_loader
 from saferlhf.data.schema import HARM_CATEGORIES, SEVERITY_LEVELS
 from saferlhf.data.sources import load_data
 from saferlhf.models import build_score_model, save_artifact
@@ -236,6 +235,14 @@ class TokenizedItems:
             [self.is_safe[i] for i in indices],
         )
 
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "input_ids": self.input_ids[i],
+            "categories": self.categories[i],
+            "severity": self.severity[i],
+            "is_safe": self.is_safe[i],
+        }
+
     def category_targets(self) -> torch.Tensor:
         return torch.tensor(self.categories, dtype=torch.float).view(-1, NUM_CATEGORIES)
 
@@ -270,33 +277,14 @@ def holdout_split(num_items: int, fraction: float, seed: int) -> tuple[list[int]
     return sorted(order[size:]), sorted(order[:size])
 
 
-class ItemDataset(Dataset):
-    def __init__(self, items: TokenizedItems):
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict:
-        weight = 1.0 if index < len(self.items) else 0.0  # padding slot of ShardedSampler
-        i = index % len(self.items)
-        items = self.items
-        return {
-            "input_ids": items.input_ids[i],
-            "categories": items.categories[i],
-            "severity": items.severity[i],
-            "is_safe": items.is_safe[i],
-            "weight": weight,
-        }
-
-
 class ItemCollator:
     """Right-pads a batch of items (the backbone reads the last non-pad token)."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
-    def __call__(self, batch: Sequence[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: Sequence[tuple[dict, float]]) -> dict[str, torch.Tensor]:
+        batch = [item for item, _ in examples]
         input_ids, attention_mask = pad_sequences(
             [b["input_ids"] for b in batch], self.pad_token_id, side="right"
         )
@@ -306,7 +294,7 @@ class ItemCollator:
             "categories": torch.tensor([b["categories"] for b in batch]),  # (B, 19)
             "severity": torch.tensor([b["severity"] for b in batch]),  # (B,)
             "is_safe": torch.tensor([float(b["is_safe"]) for b in batch]),  # (B,)
-            "weight": torch.tensor([b["weight"] for b in batch]),  # (B,)
+            "weight": torch.tensor([weight for _, weight in examples]),  # (B,)
         }
 
 
@@ -319,43 +307,9 @@ def item_loader(
     rank: int = 0,
     world_size: int = 1,
 ) -> ResumableDataLoader:
-    return ResumableDataLoader(
-        ItemDataset(items),
-        batch_size=batch_size,
-        sampler=ShardedSampler(len(items), shuffle, seed, rank, world_size),
-        collate_fn=ItemCollator(pad_token_id),
+    return list_loader(
+        items, ItemCollator(pad_token_id), batch_size, shuffle, seed, rank, world_size
     )
-
-
-class ItemDataModule(pl.LightningDataModule):
-    def __init__(
-        self,
-        train: TokenizedItems,
-        val: TokenizedItems,
-        pad_token_id: int,
-        batch_size: int,
-        seed: int,
-    ):
-        super().__init__()
-        self.train, self.val = train, val
-        self.pad_token_id, self.batch_size, self.seed = pad_token_id, batch_size, seed
-
-    def loader(self, items: TokenizedItems, shuffle: bool = False) -> ResumableDataLoader:
-        return item_loader(
-            items,
-            self.pad_token_id,
-            self.batch_size,
-            shuffle,
-            self.seed,
-            rank=self.trainer.global_rank,
-            world_size=self.trainer.world_size,
-        )
-
-    def train_dataloader(self):
-        return self.loader(self.train, shuffle=True)
-
-    def val_dataloader(self):
-        return self.loader(self.val)
 
 
 # -- the module ------------------------------------------------------------------------------
@@ -575,7 +529,9 @@ def moderation_task(run: RunContext) -> TaskResult:
     module = ModerationModule(
         model, task.lr, task.weight_decay, task.warmup_ratio, pos_weight, severity_weight
     )
-    data = ItemDataModule(train, holdout, tokenizer.pad_token_id, task.batch_size, cfg.seed)
+    data = ListDataModule(
+        train, holdout, ItemCollator(tokenizer.pad_token_id), task.batch_size, cfg.seed
+    )
     fit = fit_and_validate_best(run, module, data)
 
     # The best checkpoint's holdout predictions choose the thresholds (val/* use 0.5) ...

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from saferlhf.data import views
 from saferlhf.data.collate import tokenize_conversations
-from saferlhf.data.module import TokenizedPairs, pair_loader
+from saferlhf.data.module import ListDataModule, PairCollator, TokenizedPairs
 from saferlhf.data.sources import load_data
 from saferlhf.evaluate.metrics import pairwise_accuracy, sign_accuracy, spearman
 from saferlhf.losses import bradley_terry_loss, cost_loss
@@ -169,37 +169,6 @@ class ScoreModule(pl.LightningModule):
         )
 
 
-class PairDataModule(pl.LightningDataModule):
-    def __init__(
-        self,
-        train: TokenizedPairs,
-        val: TokenizedPairs,
-        pad_token_id: int,
-        batch_size: int,
-        seed: int,
-    ):
-        super().__init__()
-        self.train, self.val = train, val
-        self.pad_token_id, self.batch_size, self.seed = pad_token_id, batch_size, seed
-
-    def _loader(self, pairs: TokenizedPairs, shuffle: bool):
-        return pair_loader(
-            pairs,
-            self.pad_token_id,
-            self.batch_size,
-            shuffle,
-            self.seed,
-            rank=self.trainer.global_rank,
-            world_size=self.trainer.world_size,
-        )
-
-    def train_dataloader(self):
-        return self._loader(self.train, shuffle=True)
-
-    def val_dataloader(self):
-        return self._loader(self.val, shuffle=False)
-
-
 def tokenized_pairs(cfg: DictConfig, objective: str, rows, tokenizer) -> TokenizedPairs:
     """Tokenize the view a stage learns from: preference pairs (reward) or safety pairs (cost)."""
     max_length = cfg.model.max_length
@@ -246,7 +215,9 @@ def score_task(run: RunContext) -> TaskResult:
 
     task = cfg.task
     module = ScoreModule(model, objective, task.lr, task.weight_decay, task.warmup_ratio, task.reg)
-    data = PairDataModule(train, val, tokenizer.pad_token_id, task.batch_size, cfg.seed)
+    data = ListDataModule(
+        train, val, PairCollator(tokenizer.pad_token_id), task.batch_size, cfg.seed
+    )
     fit = fit_and_validate_best(run, module, data)
 
     artifact = Path(run.run_dir) / "artifacts" / objective
