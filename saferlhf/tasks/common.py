@@ -95,6 +95,17 @@ def build_trainer(run: RunContext, task_cfg: DictConfig, callbacks: list[Callbac
     )
 
 
+def gather_across_ranks(
+    module: pl.LightningModule, batches: list[dict[str, torch.Tensor]], key: str
+) -> torch.Tensor:
+    """One epoch's values of ``key`` from this rank's ``batches`` and every other rank's,
+    ``(n, ...)``; padding slots stay in, marked by their ``weight`` entries."""
+    local = torch.cat([b[key] for b in batches])
+    if module.trainer.world_size == 1:
+        return local
+    return module.all_gather(local).flatten(0, 1)  # (world, n, ...) -> (world * n, ...)
+
+
 @dataclass
 class FitResult:
     trainer: pl.Trainer

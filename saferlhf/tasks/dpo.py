@@ -53,6 +53,7 @@ from saferlhf.run import RunContext, TaskResult
 from saferlhf.tasks.common import (
     adamw_with_schedule,
     fit_and_validate_best,
+    gather_across_ranks,
     required_artifact,
 )
 
@@ -203,11 +204,7 @@ class DPOModule(pl.LightningModule):
         self._val_batches.append({"logps": self._log_probs(batch), "weight": batch["weight"]})
 
     def _gathered(self, key: str) -> torch.Tensor:
-        """This epoch's values of ``key`` from every rank, ``(num_pairs, ...)``."""
-        local = torch.cat([b[key] for b in self._val_batches])
-        if self.trainer.world_size == 1:
-            return local
-        return self.all_gather(local).flatten(0, 1)  # (world, n, ...) -> (world * n, ...)
+        return gather_across_ranks(self, self._val_batches, key)
 
     def on_validation_epoch_end(self) -> None:
         logps = self._gathered("logps")[self._gathered("weight") > 0]  # (num_pairs, 4)

@@ -40,6 +40,7 @@ from saferlhf.run import RunContext, TaskResult
 from saferlhf.tasks.common import (
     adamw_with_schedule,
     fit_and_validate_best,
+    gather_across_ranks,
     model_config,
     tokenizer_for,
 )
@@ -393,11 +394,7 @@ class ModerationModule(pl.LightningModule):
         self._batches = []
 
     def _gathered(self, key: str) -> torch.Tensor:
-        """This epoch's values of ``key`` from every rank, ``(num_items, ...)``."""
-        local = torch.cat([b[key] for b in self._batches])
-        if self.trainer.world_size == 1:
-            return local
-        return self.all_gather(local).flatten(0, 1)  # (world, n, ...) -> (world * n, ...)
+        return gather_across_ranks(self, self._batches, key)
 
     def _evaluate(self, prefix: str, per_category: bool) -> None:
         real = self._gathered("weight") > 0

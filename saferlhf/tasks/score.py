@@ -29,6 +29,7 @@ from saferlhf.run import RunContext, TaskResult
 from saferlhf.tasks.common import (
     adamw_with_schedule,
     fit_and_validate_best,
+    gather_across_ranks,
     gold_scores,
     model_config,
     tokenizer_for,
@@ -145,11 +146,7 @@ class ScoreModule(pl.LightningModule):
         )
 
     def _gathered(self, key: str) -> torch.Tensor:
-        """This epoch's values of ``key`` from every rank, ``(num_pairs, ...)``."""
-        local = torch.cat([b[key] for b in self._val_batches])
-        if self.trainer.world_size == 1:
-            return local
-        return self.all_gather(local).flatten(0, 1)  # (world, n, ...) -> (world * n, ...)
+        return gather_across_ranks(self, self._val_batches, key)
 
     def on_validation_epoch_end(self) -> None:
         real = self._gathered("weight") > 0
