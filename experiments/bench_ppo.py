@@ -1,9 +1,9 @@
-"""PPO iteration time: saferlhf's ``task=ppo`` side by side with TRL 1.12's PPOTrainer (CPU).
+"""PPO iteration time: saferlhf's ``task=ppo`` side by side with TRL 1.12's PPOTrainer.
 
-Builds ONE set of tiny *untrained* artifacts in a temp dir (a byte-level BPE tokenizer trained on
-the embedded benchmark text, a Llama-shaped policy and a reward model from ``conf/model/tiny.yaml``;
-the value/critic is initialised from the reward folder on both sides), then runs the same work
-through both frameworks in this process:
+Builds ONE set of *untrained* artifacts in a temp dir (a byte-level BPE tokenizer trained on the
+embedded benchmark text, a Llama-shaped policy and a reward model; the value/critic is
+initialised from the reward folder on both sides), then runs the same work through both
+frameworks in this process:
 
 * saferlhf: the real ``saferlhf task=ppo preference=single`` (composed from the config tree and run
   with :func:`saferlhf.cli.run`); per-iteration times come from ``ppo_history.json``
@@ -14,14 +14,22 @@ through both frameworks in this process:
   T new tokens, the same PPO epochs and minibatch size. Each step is timed between consecutive
   ``on_step_end`` callbacks (the first from ``on_train_begin``): it is TRL's whole step.
 
-The first W iterations of each are dropped; the script prints the medians, saferlhf's split into
-generation / scoring / update and the ratio TRL / saferlhf, and writes
-``experiments/results/bench_ppo_cpu.json``. TRL is an optional dependency, kept out of the project
-venv::
+Presets: ``tiny`` (``conf/model/tiny.yaml``, float32; the CPU figure) and ``0.5b`` (a randomly
+initialised Llama-shaped model of 0.47B parameters, 32k vocabulary, bf16 weights on both sides;
+``--device cuda``). On CUDA the script also runs saferlhf variants (``--variants``): compiled
+static-cache decoding, a LoRA actor, gradient checkpointing; and it reports generation tokens/s,
+samples/s, peak GPU memory and the fraction of the step's FLOP limit (model FLOPs of the
+iteration over its time x a measured bf16 matmul peak).
+
+The first W iterations of each run are dropped; the script prints the medians, saferlhf's split
+into generation / scoring / update and the ratio TRL / saferlhf, and writes
+``experiments/results/bench_ppo_<device>.json`` (after every run, so a cut-off run keeps its
+figures). TRL is an optional dependency, kept out of the project venv::
 
     python3 -m venv /tmp/trlvenv && /tmp/trlvenv/bin/pip install torch==2.13.0 \\
         && /tmp/trlvenv/bin/pip install -e '.[bench]'
     OMP_NUM_THREADS=1 /tmp/trlvenv/bin/python experiments/bench_ppo.py --iterations 5 --warmup 2
+    python experiments/bench_ppo.py --device cuda --preset 0.5b   # one GPU, under 6 minutes
 
 Without TRL installed it measures saferlhf alone and says that the TRL half is missing.
 """
@@ -35,6 +43,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -45,8 +54,31 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results" / "bench_ppo_cpu.json"
+RESULTS = Path(__file__).parent / "results"
 SEED = 0
+
+# The 0.5b preset: Llama-2-shaped blocks, 24 x (4 h^2 + 3 h i) + 2 x 32k x h = 0.47B parameters.
+ARCH_05B = dict(
+    model_type="llama",
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+    vocab_size=32000,  # the benchmark tokenizer uses the first ~1k ids; decoding skips the rest
+)
+PRESETS = {
+    "tiny": dict(batch=64, new_tokens=48, epochs=2, minibatch=32),
+    "0.5b": dict(batch=64, new_tokens=128, epochs=2, minibatch=32),
+}
+SAFERLHF_VARIANTS = {  # name -> extra overrides
+    "default": [],
+    "compiled": ["algo.compile_generation=true"],
+    "lora": ["algo.lora_rank=16"],
+    "checkpointing": ["algo.gradient_checkpointing=true"],
+}
 
 
 # -- shared setup ------------------------------------------------------------------------------
@@ -64,8 +96,11 @@ def compose_cfg(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
-def build_artifacts(root: Path) -> dict[str, Path]:
-    """Tiny untrained ``policy`` and ``reward`` folders (``model=tiny``), one shared tokenizer."""
+def build_artifacts(root: Path, preset: str, device: str) -> dict[str, Path]:
+    """Untrained ``policy`` and ``reward`` folders sharing one tokenizer: ``model=tiny`` in
+    float32, or the 0.5b preset in bf16 (initialised on ``device``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
     from saferlhf.data import views
     from saferlhf.data.benchmark import generate_benchmark
     from saferlhf.data.collate import format_conversation
@@ -82,21 +117,39 @@ def build_artifacts(root: Path) -> dict[str, Path]:
     tokenizer = train_bpe_tokenizer(
         texts, model_cfg.tokenizer.vocab_size, model_cfg.tokenizer.min_frequency
     )
-    torch.manual_seed(SEED)
     paths = {"policy": root / "policy", "reward": root / "reward"}
-    save_artifact(build_causal_lm(model_cfg, tokenizer), tokenizer, paths["policy"])
-    torch.manual_seed(SEED + 1)
-    save_artifact(build_score_model(model_cfg, tokenizer), tokenizer, paths["reward"])
+    if preset == "tiny":
+        torch.manual_seed(SEED)
+        save_artifact(build_causal_lm(model_cfg, tokenizer), tokenizer, paths["policy"])
+        torch.manual_seed(SEED + 1)
+        save_artifact(build_score_model(model_cfg, tokenizer), tokenizer, paths["reward"])
+        return paths
+    arch = dict(ARCH_05B)
+    config = AutoConfig.for_model(
+        arch.pop("model_type"),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        num_labels=1,
+        **arch,
+    )
+    with torch.device(device):
+        torch.manual_seed(SEED)
+        policy = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        save_artifact(policy, tokenizer, paths["policy"])
+        del policy
+        torch.manual_seed(SEED + 1)
+        reward = AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16)
+        save_artifact(reward, tokenizer, paths["reward"])
     return paths
 
 
-def saferlhf_overrides(args, paths: dict[str, Path]) -> list[str]:
-    return [
+def saferlhf_overrides(args, paths: dict[str, Path], variant: str = "default") -> list[str]:
+    overrides = [
         "task=ppo",
         "preference=single",
         "logger=none",
         "trainer.enable_progress_bar=false",
-        "num_threads=1",
         f"seed={SEED}",
         f"init.policy={paths['policy']}",
         f"init.reward={paths['reward']}",
@@ -105,9 +158,17 @@ def saferlhf_overrides(args, paths: dict[str, Path]) -> list[str]:
         f"algo.minibatch_size={args.minibatch}",
         f"algo.ppo_epochs={args.epochs}",
         f"algo.sampling.max_new_tokens={args.new_tokens}",
+        # prompts are at most ~32 tokens; this leaves them room and fixes the compiled width
+        f"model.max_length={args.new_tokens + 64}",
         f"task.eval_prompts={args.batch}",  # the before/after evaluation is not timed; keep it small
         f"task.checkpoint_every={args.iterations + args.warmup + 1}",
+        *SAFERLHF_VARIANTS[variant],
     ]
+    if args.device == "cuda":
+        overrides += ["trainer=gpu", "trainer.precision=bf16-true"]
+    else:
+        overrides += ["num_threads=1"]
+    return overrides
 
 
 def prompt_batches(cfg, tokenizer, iterations: int, batch: int) -> list[list[list[int]]]:
@@ -132,10 +193,76 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+
+# -- FLOPs ---------------------------------------------------------------------------------------
+
+
+def matmul_parameters(hidden: int, intermediate: int, layers: int, vocab: int) -> dict[str, int]:
+    """Weights that multiply every token: the blocks' projections (full multi-head attention,
+    gated MLP) plus the LM head of a policy; a score model's head is negligible."""
+    blocks = layers * (4 * hidden * hidden + 3 * hidden * intermediate)
+    return {"policy": blocks + hidden * vocab, "score": blocks}
+
+
+def ppo_iteration_flops(
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    vocab: int,
+    batch: int,
+    prompt_tokens: float,
+    response_tokens: float,
+    epochs: int,
+) -> dict[str, float]:
+    """Model FLOPs of one PPO iteration on unpadded tokens (2 per multiply-add; backward = 2x
+    forward; causal attention 2·h·S² per layer and sequence forward).
+
+    generation: prefill + one decoding step per response token (the KV cache holds the past);
+    scoring: reference, reward and critic forward (old log-probs come from decoding);
+    update: ``epochs`` x forward+backward of actor and critic over every sequence."""
+    n = matmul_parameters(hidden, intermediate, layers, vocab)
+    sequence = prompt_tokens + response_tokens
+    attention = 2 * hidden * sequence**2 * layers  # one causal forward of one sequence
+    generation = batch * (2 * n["policy"] * sequence + attention)
+    scoring = batch * (2 * (n["policy"] + 2 * n["score"]) * sequence + 3 * attention)
+    update = epochs * batch * (6 * (n["policy"] + n["score"]) * sequence + 6 * attention)
+    return {"generation": generation, "scoring": scoring, "update": update}
+
+
+def bf16_matmul_peak_tflops(size: int = 8192, repeats: int = 10) -> float:
+    """Measured dense bf16 matmul throughput on this GPU (the FLOP limit)."""
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (start.elapsed_time(end) / 1e3) / 1e12
+
+
 # -- saferlhf ------------------------------------------------------------------------------------
 
 
-def run_saferlhf(args, paths: dict[str, Path], run_dir: Path) -> dict:
+def run_saferlhf(args, paths: dict[str, Path], run_dir: Path, variant: str) -> dict:
     """N + W iterations of the real ``saferlhf task=ppo preference=single``."""
     from pytorch_lightning.callbacks import Callback
 
@@ -149,23 +276,27 @@ def run_saferlhf(args, paths: dict[str, Path], run_dir: Path) -> dict:
             self.times: list[float] = []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            synchronize(args.device)
             self.started = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            synchronize(args.device)
             self.times.append(time.perf_counter() - self.started)
 
-    # Record the generated width (saferlhf stops when every row has ended) and the padded
-    # prompt width of each training rollout; the wrapper only reads shapes.
-    widths: list[tuple[int, int]] = []
+    # Record the generated width (saferlhf stops when every row has ended), the padded prompt
+    # width and the real prompt tokens of each rollout; the wrapper only reads shapes.
+    shapes: list[tuple[int, int, float]] = []
     original = ppo.sample_responses
 
     def recording(actor, tokenizer, prompt_ids, **kwargs):
         rollout = original(actor, tokenizer, prompt_ids, **kwargs)
-        widths.append((rollout.prompt_width, rollout.responses.shape[1]))
+        prompt_tokens = sum(len(ids) for ids in prompt_ids) / len(prompt_ids)
+        shapes.append((rollout.prompt_width, rollout.responses.shape[1], prompt_tokens))
         return rollout
 
     wall = StepWall()
-    cfg = compose_cfg(*saferlhf_overrides(args, paths))
+    cfg = compose_cfg(*saferlhf_overrides(args, paths, variant))
+    reset_peak_memory(args.device)
     ppo.sample_responses = recording
     try:
         run(cfg, run_dir, callbacks=[wall])
@@ -173,7 +304,7 @@ def run_saferlhf(args, paths: dict[str, Path], run_dir: Path) -> dict:
         ppo.sample_responses = original
     # The first and last len(eval) // batch calls are the untimed before/after evaluations.
     n_eval = -(-cfg.task.eval_prompts // ppo.EVAL_BATCH)
-    train_widths = widths[n_eval : len(widths) - n_eval]
+    train_shapes = shapes[n_eval : len(shapes) - n_eval]
 
     history = json.loads((run_dir / "ppo_history.json").read_text())
     keep = slice(args.warmup, None)
@@ -182,17 +313,28 @@ def run_saferlhf(args, paths: dict[str, Path], run_dir: Path) -> dict:
         for name in ("generation", "scoring", "update")
     }
     totals = [sum(p) for p in zip(*parts.values(), strict=True)]
-    return {
+    kept_shapes = train_shapes[keep]
+    result = {
+        "overrides": SAFERLHF_VARIANTS[variant],
         "iteration_s": totals,
         "median_iteration_s": median(totals),
         "median_split_s": {name: median(values) for name, values in parts.items()},
         "step_wall_s": wall.times[keep],
         "median_step_wall_s": median(wall.times[keep]),
+        "samples_per_s": args.batch / median(wall.times[keep]),
+        "generation_tokens_per_s": args.batch
+        * median([s[1] for s in kept_shapes])
+        / median(parts["generation"]),
         "mean_response_length": [h["rollout/response_length"] for h in history][keep],
-        "prompt_width": [w[0] for w in train_widths][keep],
-        "generated_width": [w[1] for w in train_widths][keep],
-        "stopped_early_at_eos": any(w[1] < args.new_tokens for w in train_widths),
+        "mean_prompt_tokens": median([s[2] for s in kept_shapes]),
+        "prompt_width": [s[0] for s in kept_shapes],
+        "generated_width": [s[1] for s in kept_shapes],
+        "stopped_early_at_eos": any(s[1] < args.new_tokens for s in kept_shapes),
+        "peak_memory_gib": peak_memory_gib(args.device),
     }
+    del cfg
+    reset_peak_memory(args.device)
+    return result
 
 
 # -- TRL -----------------------------------------------------------------------------------------
@@ -214,15 +356,18 @@ def run_trl(args, paths: dict[str, Path], batches: list[list[list[int]]], out_di
 
     algo = compose_cfg("algo=ppo").algo
     steps = args.iterations + args.warmup
+    cuda = args.device == "cuda"
 
     class StepTimer(TrainerCallback):
         def __init__(self):
             self.times: list[float] = []
 
         def on_train_begin(self, a, state, control, **kwargs):
+            synchronize(args.device)
             self.last = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kwargs):
+            synchronize(args.device)
             now = time.perf_counter()
             self.times.append(now - self.last)
             self.last = now
@@ -235,8 +380,8 @@ def run_trl(args, paths: dict[str, Path], batches: list[list[list[int]]], out_di
         output_dir=str(out_dir),
         report_to="none",
         save_strategy="no",
-        use_cpu=True,
-        bf16=False,  # PPOConfig defaults to bf16; saferlhf's tiny runs are float32
+        use_cpu=not cuda,
+        bf16=cuda,  # the 0.5b preset's weights are bf16; the tiny CPU runs are float32
         seed=SEED,
         per_device_train_batch_size=args.batch,  # one rollout of B; the update's micro-batch is
         gradient_accumulation_steps=1,  # capped at the minibatch, so one optimizer step each
@@ -258,6 +403,7 @@ def run_trl(args, paths: dict[str, Path], batches: list[list[list[int]]], out_di
         disable_tqdm=True,
     )
     timer = StepTimer()
+    reset_peak_memory(args.device)
     trainer = PPOTrainer(
         args=config,
         processing_class=tokenizer,
@@ -280,16 +426,21 @@ def run_trl(args, paths: dict[str, Path], batches: list[list[list[int]]], out_di
     trainer.train()
     times = timer.times[args.warmup :]
     policy = trainer.accelerator.unwrap_model(trainer.model).policy
-    return {
+    result = {
         "mixed_precision": str(trainer.accelerator.mixed_precision),
         "policy_dtype": str(policy.dtype),
         # PPOConfig defaults gradient_checkpointing=True, but PPOTrainer.train never enables it
         "policy_gradient_checkpointing": bool(policy.is_gradient_checkpointing),
         "iteration_s": times,
         "median_iteration_s": median(times),
+        "samples_per_s": args.batch / median(times),
         "steps_run": len(timer.times),
         "prompt_width": [max(len(ids) for ids in batch) for batch in batches][args.warmup :],
+        "peak_memory_gib": peak_memory_gib(args.device),
     }
+    del trainer, policy
+    reset_peak_memory(args.device)
+    return result
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -299,7 +450,7 @@ def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "pytorch-lightning", "trl", "accelerate"):
+    for name in ("torch", "transformers", "pytorch-lightning", "trl", "accelerate", "peft"):
         try:
             found[name] = version(name)
         except PackageNotFoundError:
@@ -307,88 +458,194 @@ def versions() -> dict[str, str]:
     return found
 
 
+def trl_missing(args) -> str | None:
+    if args.skip_trl:
+        return "--skip-trl"
+    try:
+        import trl.experimental.ppo  # noqa: F401
+    except ImportError as error:
+        return f"TRL's PPOTrainer is not importable: {error}"
+    return None
+
+
+def add_flops(result: dict, args) -> None:
+    """Model FLOPs of each run's iteration and their fraction of the measured peak."""
+    if args.preset != "0.5b" or "peak_bf16_tflops" not in result:
+        return
+    arch = ARCH_05B
+    base = result["saferlhf"]["default"]
+    flops = ppo_iteration_flops(
+        arch["hidden_size"],
+        arch["intermediate_size"],
+        arch["num_hidden_layers"],
+        arch["vocab_size"],
+        args.batch,
+        base["mean_prompt_tokens"],
+        median(base["generated_width"]),
+        args.epochs,
+    )
+    total = sum(flops.values())
+    peak = result["peak_bf16_tflops"] * 1e12
+    result["iteration_tflop"] = {k: v / 1e12 for k, v in flops.items()} | {"total": total / 1e12}
+    for run in [*result["saferlhf"].values(), result.get("trl", {})]:
+        if "median_iteration_s" in run:
+            run["flop_limit_fraction"] = total / (run["median_iteration_s"] * peak)
+    if "median_split_s" in base:
+        base["flop_limit_fraction_by_part"] = {
+            part: flops[part] / (base["median_split_s"][part] * peak) for part in flops
+        }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default=None, help="tiny on cpu")
     parser.add_argument("--iterations", type=int, default=5, help="timed PPO iterations (N)")
     parser.add_argument("--warmup", type=int, default=2, help="dropped first iterations (W)")
-    parser.add_argument("--batch", type=int, default=64, help="rollout batch size (B)")
-    parser.add_argument("--new-tokens", type=int, default=48, help="response length (T)")
-    parser.add_argument("--epochs", type=int, default=2, help="PPO epochs (E)")
-    parser.add_argument("--minibatch", type=int, default=32, help="PPO minibatch size (M)")
+    parser.add_argument("--batch", type=int, help="rollout batch size (B; preset's default)")
+    parser.add_argument("--new-tokens", type=int, help="response length (T; preset's default)")
+    parser.add_argument("--epochs", type=int, help="PPO epochs (E; preset's default)")
+    parser.add_argument("--minibatch", type=int, help="PPO minibatch size (M; preset's default)")
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help=f"comma-separated saferlhf runs of {sorted(SAFERLHF_VARIANTS)} "
+        "(default: 'default' on cpu, all on cuda)",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=330.0,
+        help="start no further saferlhf variant after this many seconds",
+    )
     parser.add_argument("--skip-trl", action="store_true", help="measure saferlhf only")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
+    args.preset = args.preset or ("0.5b" if args.device == "cuda" else "tiny")
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.batch % args.minibatch:
         parser.error("--batch must be a multiple of --minibatch")
-    torch.set_num_threads(1)
+    variants = (
+        args.variants or ("default" if args.device == "cpu" else ",".join(SAFERLHF_VARIANTS))
+    ).split(",")
+    if variants[0] != "default" or not set(variants) <= set(SAFERLHF_VARIANTS):
+        parser.error(
+            f"--variants must start with 'default' and name only {sorted(SAFERLHF_VARIANTS)}"
+        )
+    args.output = args.output or RESULTS / f"bench_ppo_{args.device}.json"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    if args.device == "cpu":
+        torch.set_num_threads(1)
 
+    started = time.perf_counter()
     result: dict = {
         "config": {
+            "preset": args.preset,
             "iterations": args.iterations,
             "warmup": args.warmup,
             "batch": args.batch,
             "new_tokens": args.new_tokens,
             "ppo_epochs": args.epochs,
             "minibatch": args.minibatch,
-            "model": "conf/model/tiny.yaml (untrained), float32",
-            "device": "cpu",
+            "model": "conf/model/tiny.yaml (untrained), float32"
+            if args.preset == "tiny"
+            else f"untrained Llama {ARCH_05B}, bf16 weights",
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "torch_threads": torch.get_num_threads(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
         },
         "versions": versions(),
+        "saferlhf": {},
     }
+
+    def save() -> None:
+        add_flops(result, args)
+        result["wall_s"] = time.perf_counter() - started
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=1) + "\n")
+
+    if args.device == "cuda":
+        result["peak_bf16_tflops"] = bf16_matmul_peak_tflops()
+        print(f"measured bf16 matmul peak: {result['peak_bf16_tflops']:.0f} TFLOP/s", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_ppo_") as tmp:
         root = Path(tmp)
-        paths = build_artifacts(root / "artifacts")
-        print(f"saferlhf: {args.warmup} + {args.iterations} PPO iterations ...", flush=True)
-        result["saferlhf"] = run_saferlhf(args, paths, root / "saferlhf_run")
-        trl_missing = None
-        if args.skip_trl:
-            trl_missing = "--skip-trl"
-        else:
+        paths = build_artifacts(root / "artifacts", args.preset, args.device)
+        missing = trl_missing(args)
+        # saferlhf's default first, then TRL, then the optional variants while time remains.
+        for variant in variants:
+            if variant != "default" and time.perf_counter() - started > args.budget_s:
+                result["saferlhf"][variant] = {"skipped": f"over --budget-s {args.budget_s}"}
+                continue
+            print(
+                f"saferlhf [{variant}]: {args.warmup} + {args.iterations} PPO iterations ...",
+                flush=True,
+            )
             try:
-                import trl.experimental.ppo  # noqa: F401
-            except ImportError as error:
-                trl_missing = f"TRL's PPOTrainer is not importable: {error}"
-        if trl_missing is None:
-            from saferlhf.models import load_tokenizer
-
-            cfg = compose_cfg(*saferlhf_overrides(args, paths))
-            batches = prompt_batches(
-                cfg, load_tokenizer(str(paths["policy"])), args.iterations + args.warmup, args.batch
-            )
-            print(f"TRL: {args.warmup} + {args.iterations} PPO steps ...", flush=True)
-            result["trl"] = run_trl(args, paths, batches, root / "trl_run")
-            result["ratio_trl_over_saferlhf"] = (
-                result["trl"]["median_iteration_s"] / result["saferlhf"]["median_iteration_s"]
-            )
-            result["ratio_trl_over_saferlhf_step_wall"] = (
-                result["trl"]["median_iteration_s"] / result["saferlhf"]["median_step_wall_s"]
-            )
-        else:
-            result["trl"] = {"missing": trl_missing}
-
+                result["saferlhf"][variant] = run_saferlhf(
+                    args, paths, root / f"saferlhf_{variant}", variant
+                )
+            except Exception as error:  # a failed optional variant must not lose the others
+                if variant == "default":
+                    raise
+                result["saferlhf"][variant] = {"failed": f"{type(error).__name__}: {error}"}
+            save()
+            if variant == "default":
+                run_trl_half(args, paths, root, result, missing)
+                save()
     report(result)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.output}")
 
 
+def run_trl_half(args, paths, root: Path, result: dict, missing: str | None) -> None:
+    if missing is not None:
+        result["trl"] = {"missing": missing}
+        return
+    from saferlhf.models import load_tokenizer
+
+    cfg = compose_cfg(*saferlhf_overrides(args, paths))
+    batches = prompt_batches(
+        cfg, load_tokenizer(str(paths["policy"])), args.iterations + args.warmup, args.batch
+    )
+    print(f"TRL: {args.warmup} + {args.iterations} PPO steps ...", flush=True)
+    trl = result["trl"] = run_trl(args, paths, batches, root / "trl_run")
+    ours = result["saferlhf"]["default"]
+    result["ratio_trl_over_saferlhf"] = trl["median_iteration_s"] / ours["median_iteration_s"]
+    result["ratio_trl_over_saferlhf_step_wall"] = (
+        trl["median_iteration_s"] / ours["median_step_wall_s"]
+    )
+
+
 def report(result: dict) -> None:
-    c, s, t = result["config"], result["saferlhf"], result["trl"]
+    c, t = result["config"], result.get("trl", {})
     print(
-        f"\nB={c['batch']} T={c['new_tokens']} E={c['ppo_epochs']} M={c['minibatch']}, "
-        f"median over {c['iterations']} iterations after {c['warmup']} warm-up, "
-        f"{c['torch_threads']} torch thread(s)"
+        f"\n{c['device']}, preset {c['preset']}: B={c['batch']} T={c['new_tokens']}"
+        f" E={c['ppo_epochs']} M={c['minibatch']}, median over {c['iterations']} iterations"
+        f" after {c['warmup']} warm-up, {c['torch_threads']} torch thread(s)"
     )
-    split = s["median_split_s"]
-    print(
-        f"saferlhf  {s['median_iteration_s']:.3f} s/iteration  (generation {split['generation']:.3f}"
-        f" + scoring {split['scoring']:.3f} + update {split['update']:.3f});"
-        f" whole training step {s['median_step_wall_s']:.3f} s"
-    )
+    for variant, s in result["saferlhf"].items():
+        if "median_iteration_s" not in s:
+            print(f"saferlhf [{variant}]  {s}")
+            continue
+        split = s["median_split_s"]
+        memory = f", peak {s['peak_memory_gib']:.1f} GiB" if s["peak_memory_gib"] else ""
+        flop = (
+            f", {s['flop_limit_fraction']:.1%} of the FLOP limit"
+            if "flop_limit_fraction" in s
+            else ""
+        )
+        print(
+            f"saferlhf [{variant}]  {s['median_iteration_s']:.3f} s/iteration"
+            f" (generation {split['generation']:.3f} + scoring {split['scoring']:.3f}"
+            f" + update {split['update']:.3f}); whole step {s['median_step_wall_s']:.3f} s,"
+            f" {s['samples_per_s']:.1f} samples/s, {s['generation_tokens_per_s']:.0f} generated"
+            f" tokens/s{memory}{flop}"
+        )
+    s = result["saferlhf"]["default"]
     print(
         f"          generated widths {s['generated_width']} of T={c['new_tokens']}"
         f" (stopped early at EOS: {s['stopped_early_at_eos']}),"
@@ -397,10 +654,15 @@ def report(result: dict) -> None:
     if "missing" in t:
         print(f"TRL       MISSING: {t['missing']}", file=sys.stderr)
         return
+    memory = f", peak {t['peak_memory_gib']:.1f} GiB" if t["peak_memory_gib"] else ""
+    flop = (
+        f", {t['flop_limit_fraction']:.1%} of the FLOP limit" if "flop_limit_fraction" in t else ""
+    )
     print(
-        f"TRL       {t['median_iteration_s']:.3f} s/step  ({t['steps_run']} steps run;"
-        f" {t['policy_dtype']}, mixed precision {t['mixed_precision']},"
-        f" gradient checkpointing {t['policy_gradient_checkpointing']})"
+        f"TRL       {t['median_iteration_s']:.3f} s/step, {t['samples_per_s']:.1f} samples/s"
+        f"  ({t['steps_run']} steps run; {t['policy_dtype']}, mixed precision"
+        f" {t['mixed_precision']}, gradient checkpointing {t['policy_gradient_checkpointing']}"
+        f"{memory}{flop})"
     )
     print(
         f"ratio TRL/saferlhf  {result['ratio_trl_over_saferlhf']:.2f}x"

@@ -161,6 +161,11 @@ class PPOConfig:
     ptx_coef: float = MISSING  # weight of the SFT loss mixed into the actor loss; 0 turns it off
     ptx_batch_size: int = MISSING
     shaping_lambda: float | None = None  # fixed-λ reward shaping r - λ·c instead of a Lagrangian
+    length_bucketing: bool = MISSING  # minibatches of rows of similar length (less padding)
+    compile_generation: bool = MISSING  # fixed-shape decoding step through torch.compile (GPU)
+    gradient_checkpointing: bool = MISSING  # actor and critics recompute activations in backward
+    lora_rank: int = MISSING  # > 0: train LoRA adapters on the actor; reference = adapters off
+    lora_alpha: float = MISSING
 
 
 @dataclass

@@ -4,17 +4,22 @@ import json
 
 import pytest
 import torch
+from pytorch_lightning.callbacks import Callback
 from transformers import AutoModelForCausalLM
 
 from saferlhf.cli import run
 from saferlhf.data.collate import tokenize_prompts
+from saferlhf.losses import entropy_from_logits, masked_mean
 from saferlhf.models import build_causal_lm, build_score_model, save_artifact
 from saferlhf.rl.lagrange import LagrangeMultiplier
 from saferlhf.rl.rollout import (
     Rollout,
+    minibatch_rows,
     positions_from_mask,
     response_log_probs,
+    response_logits,
     response_mask_until_eos,
+    sample_from_logits,
     sample_responses,
     sequence_scores,
     token_values,
@@ -84,6 +89,82 @@ def test_batched_rollout_scores_match_each_sequence_scored_alone(tokenizer, tiny
             torch.testing.assert_close(
                 batched_scores[row], sequence_scores(scorer, alone)[0], atol=1e-5, rtol=1e-4
             )
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p, expected",
+    [
+        (1.0, 0, 1.0, [0.5, 0.3, 0.15, 0.05]),
+        (0.5, 0, 1.0, [0.25 / 0.3650, 0.09 / 0.3650, 0.0225 / 0.3650, 0.0025 / 0.3650]),
+        (1.0, 2, 1.0, [0.625, 0.375, 0.0, 0.0]),
+        (1.0, 0, 0.9, [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0]),  # 0.8 < 0.9: keep the third
+    ],
+)
+def test_sample_from_logits_draws_the_filtered_softmax(temperature, top_k, top_p, expected):
+    torch.manual_seed(0)
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().repeat(100_000, 1)
+    tokens = sample_from_logits(logits, temperature, top_k, top_p)
+    frequencies = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    assert frequencies.tolist() == pytest.approx(expected, abs=0.006)
+    assert all(f == 0.0 for f, e in zip(frequencies, expected, strict=True) if e == 0.0)
+
+
+def test_decoding_keeps_the_log_probs_and_entropy_a_full_forward_pass_gives(tokenizer, tiny_models):
+    _, policy, _ = tiny_models
+    prompt_ids = tokenize_prompts(tokenizer, ["hi", "how can i grow tomatoes ?"] * 3, 64)
+    torch.manual_seed(3)
+    rollout = sample_responses(policy, tokenizer, prompt_ids, 10, 1.0, 0, 1.0)
+    mask = rollout.response_mask
+    with torch.no_grad():
+        logits = response_logits(policy, rollout)
+        torch.testing.assert_close(
+            rollout.logprobs, response_log_probs(policy, rollout) * mask, atol=1e-5, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            rollout.entropy, entropy_from_logits(logits) * mask, atol=1e-5, rtol=1e-4
+        )
+    # Prompts padded to a fixed width (the compiled-decoding layout) sample the same tokens.
+    torch.manual_seed(3)
+    wide = sample_responses(policy, tokenizer, prompt_ids, 10, 1.0, 0, 1.0, static_prompt_width=20)
+    assert wide.prompt_width == 20
+    assert torch.equal(wide.responses, rollout.responses)
+    torch.testing.assert_close(wide.logprobs, rollout.logprobs, atol=1e-5, rtol=1e-4)
+
+
+def test_a_trimmed_minibatch_scores_like_the_full_rollout(tokenizer, tiny_models):
+    _, policy, scorer = tiny_models
+    prompts = ["hi", "how can i grow tomatoes ?", "tell me the best way to make a budget ."]
+    torch.manual_seed(4)
+    rollout = sample_responses(
+        policy, tokenizer, tokenize_prompts(tokenizer, prompts, 64), 16, 1.0, 0, 1.0
+    )
+    # Cut the longest response short so that trimming removes response columns too.
+    rollout.response_mask[:, 5:] = 0
+    rollout.attention_mask[:, rollout.prompt_width + 5 :] = 0
+    rows = torch.tensor([0, 1])  # the two shorter prompts: trimming removes prompt columns
+    mb = rollout.select(rows).trimmed()
+    assert mb.prompt_width < rollout.prompt_width and mb.response_mask.shape[1] == 5
+    with torch.no_grad():
+        full_logprobs = response_log_probs(policy, rollout)[rows, :5]
+        full_values = token_values(scorer, rollout)[rows, :5]
+        torch.testing.assert_close(
+            response_log_probs(policy, mb), full_logprobs, atol=1e-5, rtol=1e-4
+        )
+        torch.testing.assert_close(token_values(scorer, mb), full_values, atol=1e-5, rtol=1e-4)
+    assert masked_mean(mb.logprobs, mb.response_mask) == pytest.approx(
+        masked_mean(rollout.logprobs[rows, :5], rollout.response_mask[rows, :5]).item()
+    )
+
+
+@pytest.mark.parametrize("bucket", [False, True])
+def test_minibatches_use_every_row_once_and_buckets_group_similar_lengths(bucket):
+    torch.manual_seed(5)
+    lengths = torch.randint(10, 60, (24,))
+    batches = minibatch_rows(lengths, 8, bucket)
+    assert sorted(torch.cat(batches).tolist()) == list(range(24))
+    if bucket:  # the length ranges of the minibatches do not interleave
+        spans = sorted((lengths[b].min().item(), lengths[b].max().item()) for b in batches)
+        assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:], strict=False))
 
 
 def test_lagrange_multiplier_rises_above_the_limit_falls_below_and_stays_under_max():
@@ -216,6 +297,71 @@ def test_single_preference_ppo_has_no_cost_and_no_lambda(
     assert "rollout/reward" in metrics and "final/reward" in metrics
     assert not any("cost" in name or "lambda" in name for name in metrics)
     assert set(read_summary(tmp_path)["artifacts"]) == {"policy", "history"}
+
+
+def test_lora_ppo_starts_at_its_reference_and_exports_a_merged_policy(
+    compose_cfg, untrained_artifacts, tmp_path
+):
+    cfg = _ppo(
+        compose_cfg,
+        untrained_artifacts,
+        "preference=single",
+        "algo.iterations=3",
+        "algo.lora_rank=4",
+        "algo.actor_lr=1e-2",
+    )
+    run(cfg, tmp_path)
+    history = json.loads((tmp_path / "ppo_history.json").read_text())
+    # LoRA's B starts at zero: the actor is its own reference until the first update.
+    assert abs(history[0]["rollout/kl"]) < 1e-4 and abs(history[-1]["rollout/kl"]) > 1e-4
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "artifacts" / "policy")
+    initial = AutoModelForCausalLM.from_pretrained(untrained_artifacts / "policy")
+    trained_weights, initial_weights = trained.state_dict(), initial.state_dict()
+    assert trained_weights.keys() == initial_weights.keys()  # a plain model, adapters merged
+    changed = {
+        k for k in initial_weights if not torch.equal(trained_weights[k], initial_weights[k])
+    }
+    assert changed and all("proj" in k for k in changed)  # only the adapted linear layers
+
+
+class CountActorGradForwards(Callback):
+    """Counts the first block's MLP of the actor running outside inference mode (decoding and
+    scoring run inside it): once per update pass, and once more when backward recomputes the
+    block under gradient checkpointing."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def on_train_start(self, trainer, pl_module):
+        def count(*_):
+            self.calls += not torch.is_inference_mode_enabled()
+
+        # A pre-hook: the recompute stops once it has every saved tensor, before the MLP returns.
+        pl_module.actor.model.layers[0].mlp.register_forward_pre_hook(count)
+
+
+def test_gradient_checkpointing_recomputes_the_blocks_and_changes_no_result(
+    compose_cfg, untrained_artifacts, tmp_path
+):
+    histories, calls = [], []
+    for checkpointing in (False, True):
+        cfg = _ppo(
+            compose_cfg,
+            untrained_artifacts,
+            "preference=single",
+            "algo.iterations=2",
+            f"algo.gradient_checkpointing={checkpointing}",
+        )
+        counter = CountActorGradForwards()
+        run(cfg, tmp_path / str(checkpointing), callbacks=[counter])
+        calls.append(counter.calls)
+        history = json.loads((tmp_path / str(checkpointing) / "ppo_history.json").read_text())
+        histories.append(
+            [{k: v for k, v in h.items() if not k.startswith("time/")} for h in history]
+        )
+    passes = 2 * cfg.algo.ppo_epochs * (cfg.algo.rollout_batch_size // cfg.algo.minibatch_size)
+    assert calls == [passes, 2 * passes]
+    assert histories[1] == [pytest.approx(h, rel=1e-5, abs=1e-6) for h in histories[0]]
 
 
 def test_ppo_needs_its_init_artifacts(compose_cfg, tmp_path):

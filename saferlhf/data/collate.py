@@ -39,10 +39,18 @@ def tokenize_conversations(
 
 
 def pad_sequences(
-    sequences: Sequence[Sequence[int]], pad_token_id: int, side: str = "right"
+    sequences: Sequence[Sequence[int]],
+    pad_token_id: int,
+    side: str = "right",
+    width: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad to the longest sequence: ``(input_ids, attention_mask)``, each ``(batch, max_len)``."""
-    width = max(len(s) for s in sequences)
+    """Pad to ``width`` (default: the longest sequence): ``(input_ids, attention_mask)``, each
+    ``(batch, width)``."""
+    longest = max(len(s) for s in sequences)
+    if width is None:
+        width = longest
+    elif width < longest:
+        raise ValueError(f"a sequence of {longest} tokens does not fit the padded width {width}")
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):

@@ -10,10 +10,10 @@ index 0, and the logits that predict them are columns ``prompt_width - 1 ... -2`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
 from saferlhf.data.collate import pad_sequences
 from saferlhf.losses import selective_log_softmax
@@ -26,6 +26,11 @@ class Rollout:
     position_ids: torch.Tensor  # (B, P + R)
     response_mask: torch.Tensor  # (B, R), 1.0 up to and including EOS
     prompt_width: int  # P
+    # (B, R): log-probability of each sampled token, and the entropy of the distribution it was
+    # drawn from, under the sampling model's raw logits; kept from the decoding loop so that PPO
+    # needs no extra forward pass for its old log-probs.
+    logprobs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
 
     @property
     def responses(self) -> torch.Tensor:  # (B, R)
@@ -38,7 +43,44 @@ class Rollout:
             self.position_ids[index],
             self.response_mask[index],
             self.prompt_width,
+            self.logprobs[index] if self.logprobs is not None else None,
+            self.entropy[index] if self.entropy is not None else None,
         )
+
+    def trimmed(self) -> Rollout:
+        """The same rows without the columns that are padding in every row (the left pad
+        beyond the longest prompt, the right pad beyond the longest response), so a minibatch
+        costs what its own longest row costs. Per-token ``(B, R)`` tensors of the full rollout
+        match the trimmed one after ``[:, :trimmed.response_mask.shape[1]]``."""
+        longest_prompt = int(self.attention_mask[:, : self.prompt_width].sum(-1).max())
+        longest_response = int(self.response_mask.sum(-1).max())
+        columns = slice(self.prompt_width - longest_prompt, self.prompt_width + longest_response)
+        return Rollout(
+            self.input_ids[:, columns],
+            self.attention_mask[:, columns],
+            self.position_ids[:, columns],
+            self.response_mask[:, :longest_response],
+            longest_prompt,
+            self.logprobs[:, :longest_response] if self.logprobs is not None else None,
+            self.entropy[:, :longest_response] if self.entropy is not None else None,
+        )
+
+
+def minibatch_rows(
+    lengths: torch.Tensor, minibatch_size: int, bucket_by_length: bool
+) -> list[torch.Tensor]:
+    """Row indices of each minibatch of one PPO epoch, in a random order.
+
+    With ``bucket_by_length`` rows of similar ``lengths`` (tokens per row) share a minibatch,
+    ties broken at random, so that a trimmed minibatch (:meth:`Rollout.trimmed`) carries little
+    padding; every row is still used exactly once per epoch.
+    """
+    order = torch.randperm(len(lengths), device=lengths.device)
+    if not bucket_by_length:
+        return list(order.split(minibatch_size))
+    order = order[lengths[order].argsort(stable=True)]
+    minibatches = order.split(minibatch_size)
+    return [minibatches[i] for i in torch.randperm(len(minibatches)).tolist()]
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -53,7 +95,37 @@ def response_mask_until_eos(responses: torch.Tensor, eos_token_id: int) -> torch
     return (eos_before == 0).float()
 
 
-@torch.no_grad()
+def sample_from_logits(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float
+) -> torch.Tensor:
+    """One token per row of ``(B, V)`` logits: softmax(logits / temperature) restricted to the
+    ``top_k`` most likely tokens (0: all) and to the smallest set holding ``top_p`` of the mass.
+
+    Draws by inverting the cumulative distribution with one uniform number per row, which
+    samples exactly the filtered softmax; on CPU ``torch.multinomial`` costs ten times as much
+    per draw and took a quarter of the decoding time.
+    """
+    if temperature <= 0:
+        raise ValueError(f"sampling needs temperature > 0, got {temperature}")
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth_largest = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the top token stays
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    cumulative = logits.softmax(-1).cumsum(-1)
+    draw = torch.rand_like(cumulative[:, -1:]) * cumulative[:, -1:]
+    # right=True skips tokens of zero probability; the clamp only guards float round-off
+    return (
+        torch.searchsorted(cumulative, draw, right=True)
+        .squeeze(-1)
+        .clamp_(max=len(cumulative[0]) - 1)
+    )
+
+
 def sample_responses(
     actor: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -62,31 +134,107 @@ def sample_responses(
     temperature: float,
     top_k: int,
     top_p: float,
+    static_prompt_width: int | None = None,
+    compile_decoding: bool = False,
 ) -> Rollout:
-    """Sample one response per prompt with ``generate`` (KV cache; stops when all rows ended)."""
+    """Sample one response per prompt, decoding with a KV cache until every row has ended.
+
+    The cache is a preallocated :class:`~transformers.StaticCache` (written in place; a growing
+    cache re-concatenates every layer's keys and values at each step), and one attention mask
+    covers every slot (the causal mask hides the slots not yet written). The loop keeps the
+    log-probability of each sampled token under the actor's raw logits (``Rollout.logprobs``).
+    ``static_prompt_width`` left pads the prompts to a fixed width, so that the decoding step
+    has the same shapes in every call; ``compile_decoding`` then runs it through
+    ``torch.compile`` (CUDA graphs on a GPU).
+    """
+    # Eval mode: no dropout, and gradient checkpointing (active in train mode) drops the cache.
+    was_training = actor.training
+    actor.eval()
+    try:
+        with torch.inference_mode():  # cheaper than no_grad per op, which adds up when decoding
+            rollout = _decode(
+                actor,
+                tokenizer,
+                prompt_ids,
+                max_new_tokens,
+                sampling=(temperature, top_k, top_p),
+                static_prompt_width=static_prompt_width,
+                compile_decoding=compile_decoding,
+            )
+    finally:
+        actor.train(was_training)
+    # Inference tensors cannot be saved for backward (the update embeds input_ids); copies can.
+    copies = {
+        f.name: value.clone() if isinstance(value, torch.Tensor) else value
+        for f in fields(rollout)
+        for value in [getattr(rollout, f.name)]
+    }
+    return Rollout(**copies)
+
+
+def _decode(
+    actor: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: tuple[float, int, float],
+    static_prompt_width: int | None,
+    compile_decoding: bool,
+) -> Rollout:
     device = actor.device
-    prompts, prompt_mask = pad_sequences(prompt_ids, tokenizer.pad_token_id, side="left")
-    prompts, prompt_mask = prompts.to(device), prompt_mask.to(device)
-    output = actor.generate(
-        input_ids=prompts,
-        attention_mask=prompt_mask,
-        do_sample=True,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
+    prompts, prompt_mask = pad_sequences(
+        prompt_ids, tokenizer.pad_token_id, side="left", width=static_prompt_width
     )
-    width = prompts.shape[1]
-    responses = output[:, width:]
+    prompts, prompt_mask = prompts.to(device), prompt_mask.to(device)
+    batch, width = prompts.shape
+    cache = StaticCache(config=actor.config, max_cache_len=width + max_new_tokens)
+    attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, max_new_tokens)], 1)
+    positions = positions_from_mask(prompt_mask)
+    logits = actor(
+        input_ids=prompts,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]
+    decode = actor.get_compiled_call(None) if compile_decoding else actor
+    next_position = positions[:, -1:] + 1
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens, logprobs, entropies = [], [], []
+    for step in range(max_new_tokens):
+        logits = logits.float()
+        token = sample_from_logits(logits, *sampling)
+        token = token.masked_fill(finished, tokenizer.pad_token_id)
+        tokens.append(token)
+        log_distribution = logits.log_softmax(-1)
+        logprobs.append(log_distribution.gather(-1, token[:, None]).squeeze(-1))
+        entropies.append(-(log_distribution.exp() * log_distribution).sum(-1))
+        finished |= token == tokenizer.eos_token_id
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        logits = decode(
+            input_ids=token[:, None],
+            attention_mask=attention_mask,
+            position_ids=next_position,
+            cache=cache,
+            cache_position=torch.tensor([width + step], device=device),
+            use_cache=True,
+        ).logits[:, -1]
+        next_position = next_position + 1
+    responses = torch.stack(tokens, 1)
     response_mask = response_mask_until_eos(responses, tokenizer.eos_token_id)
     responses = responses.masked_fill(response_mask == 0, tokenizer.pad_token_id)
     input_ids = torch.cat([prompts, responses], dim=1)
-    attention_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
+    full_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
     return Rollout(
-        input_ids, attention_mask, positions_from_mask(attention_mask), response_mask, width
+        input_ids,
+        full_mask,
+        positions_from_mask(full_mask),
+        response_mask,
+        width,
+        torch.stack(logprobs, 1) * response_mask,
+        torch.stack(entropies, 1) * response_mask,
     )
 
 
@@ -95,13 +243,17 @@ def decode_responses(tokenizer: PreTrainedTokenizerBase, rollout: Rollout) -> li
 
 
 def response_logits(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
-    """Logits predicting each response token, ``(B, R, V)``."""
-    logits = model(
+    """Logits predicting each response token, ``(B, R, V)``; the LM head runs on those
+    positions only (the prompt's logits would be computed and thrown away)."""
+    predicting = torch.arange(
+        rollout.prompt_width - 1, rollout.input_ids.shape[1] - 1, device=rollout.input_ids.device
+    )
+    return model(
         input_ids=rollout.input_ids,
         attention_mask=rollout.attention_mask,
         position_ids=rollout.position_ids,
+        logits_to_keep=predicting,
     ).logits
-    return logits[:, rollout.prompt_width - 1 : -1]
 
 
 def response_log_probs(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from peft import LoraConfig, TaskType, get_peft_model
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.strategies import DDPStrategy
@@ -36,7 +37,6 @@ from saferlhf.data.sources import load_data
 from saferlhf.evaluate.gold import fixed_eval_prompts, gold_metrics
 from saferlhf.losses import (
     combined_advantages,
-    entropy_from_logits,
     gae,
     kl_penalty,
     masked_mean,
@@ -51,6 +51,7 @@ from saferlhf.rl.lagrange import LagrangeMultiplier
 from saferlhf.rl.rollout import (
     Rollout,
     decode_responses,
+    minibatch_rows,
     response_log_probs,
     response_logits,
     sample_responses,
@@ -73,7 +74,7 @@ class PPOModule(pl.LightningModule):
     def __init__(
         self,
         actor: PreTrainedModel,
-        reference: PreTrainedModel,
+        reference: PreTrainedModel | None,
         reward_model: PreTrainedModel,
         reward_critic: PreTrainedModel,
         cost_model: PreTrainedModel | None,
@@ -88,10 +89,13 @@ class PPOModule(pl.LightningModule):
         gold: bool,
         ptx_examples: Sequence | None = None,
         sample_every: int = 0,
+        static_prompt_width: int | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
-        self.actor, self.reference = actor.train(), _frozen(reference)
+        # Without a reference model the actor is a LoRA model whose base is the reference.
+        self.actor = actor.train()
+        self.reference = _frozen(reference) if reference is not None else None
         self.reward_model, self.reward_critic = _frozen(reward_model), reward_critic.train()
         self.cost_model = _frozen(cost_model) if cost_model is not None else None
         self.cost_critic = cost_critic.train() if cost_critic is not None else None
@@ -103,6 +107,11 @@ class PPOModule(pl.LightningModule):
             eval_seed,
         )
         self.gold, self.sample_every = gold, sample_every
+        self.sampling = dict(
+            algo.sampling,
+            static_prompt_width=static_prompt_width,
+            compile_decoding=static_prompt_width is not None,
+        )
         self.ptx_examples = ptx_examples
         self.ptx_collate = LanguageModelingCollator(tokenizer.pad_token_id)
         self.history: list[dict[str, float]] = []
@@ -122,7 +131,8 @@ class PPOModule(pl.LightningModule):
         a = self.algo
 
         def adamw(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
-            return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=a.weight_decay)
+            trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: adapters
+            return torch.optim.AdamW(trainable, lr=lr, weight_decay=a.weight_decay, fused=True)
 
         optimizers = [adamw(self.actor, a.actor_lr), adamw(self.reward_critic, a.critic_lr)]
         if self.cost_critic is not None:
@@ -149,9 +159,10 @@ class PPOModule(pl.LightningModule):
         lambda_opt = optimizers[-1] if self.lagrange is not None else None
 
         # 1. rollout
-        started = time.perf_counter()
-        rollout = sample_responses(self.actor, self.tokenizer, batch["prompt_ids"], **a.sampling)
-        generated = time.perf_counter()
+        started = self._clock()
+        rollout = sample_responses(self.actor, self.tokenizer, batch["prompt_ids"], **self.sampling)
+        rollout = rollout.trimmed()  # the compiled decoding's fixed prompt width is padding
+        generated = self._clock()
 
         # 2. scoring, all without autograd
         scores = self._score(rollout)
@@ -161,7 +172,7 @@ class PPOModule(pl.LightningModule):
             scores["reward_values"],
         )
         cost, old_cost_values = scores.get("cost"), scores.get("cost_values")
-        scored = time.perf_counter()
+        scored = self._clock()
 
         # 3. advantages: KL-shaped per-token reward (and cost), GAE for each
         mask = rollout.response_mask
@@ -199,17 +210,21 @@ class PPOModule(pl.LightningModule):
                 lambdas = self.all_gather(self.lagrange.log_lambda.detach().exp())
                 metrics["lagrange/lambda_rank_spread"] = (lambdas.max() - lambdas.min()).item()
 
-        # 5. PPO epochs over minibatches
+        # 5. PPO epochs over minibatches, each trimmed to its own longest prompt and response
         sums: dict[str, float] = {}
         updates = 0
         for _ in range(a.ppo_epochs):
-            for index in torch.randperm(len(mask), device=mask.device).split(a.minibatch_size):
-                mb = rollout.select(index)
-                mb_mask = mask[index]
-                logits = response_logits(self.actor, mb).float()  # (b, R, V)
-                logprobs = selective_log_softmax(logits, mb.responses)
+            for rows in minibatch_rows(
+                rollout.attention_mask.sum(-1), a.minibatch_size, a.length_bucketing
+            ):
+                mb = rollout.select(rows).trimmed()
+                mb_mask = mb.response_mask
+                cells = (rows, slice(None, mb_mask.shape[1]))  # per-token tensors, trimmed alike
+                logprobs = selective_log_softmax(
+                    response_logits(self.actor, mb).float(), mb.responses
+                )
                 clip = ppo_clip_loss(
-                    logprobs, old_logprobs[index], advantages[index], mb_mask, a.clip_range
+                    logprobs, old_logprobs[cells], advantages[cells], mb_mask, a.clip_range
                 )
                 actor_loss = clip.loss
                 if a.ptx_coef > 0:
@@ -219,8 +234,8 @@ class PPOModule(pl.LightningModule):
                 values = token_values(self.reward_critic, mb)
                 reward_value = value_clip_loss(
                     values,
-                    old_reward_values[index],
-                    reward_returns[index],
+                    old_reward_values[cells],
+                    reward_returns[cells],
                     mb_mask,
                     a.value_clip_range,
                 )
@@ -229,16 +244,13 @@ class PPOModule(pl.LightningModule):
                     "train/actor_loss": clip.loss.item(),
                     "train/clip_fraction": clip.clip_fraction.item(),
                     "train/approx_kl": clip.approx_kl.item(),
-                    "train/entropy": masked_mean(
-                        entropy_from_logits(logits.detach()), mb_mask
-                    ).item(),
                     "train/reward_value_loss": reward_value.loss.item(),
                 }
                 if self.cost_critic is not None and self.constrained:
                     cost_value = value_clip_loss(
                         token_values(self.cost_critic, mb),
-                        old_cost_values[index],
-                        cost_returns[index],
+                        old_cost_values[cells],
+                        cost_returns[cells],
                         mb_mask,
                         a.value_clip_range,
                     )
@@ -247,13 +259,14 @@ class PPOModule(pl.LightningModule):
                 for name, value in step.items():  # averaged over every minibatch, not the last
                     sums[name] = sums.get(name, 0.0) + value
                 updates += 1
-        updated = time.perf_counter()
+        updated = self._clock()
 
         metrics |= {name: total / updates for name, total in sums.items()}
         metrics |= {
             "iteration": float(batch_idx + 1),
             "rollout/reward": reward.mean().item(),
             "rollout/kl": (kl.sum(-1)).mean().item(),
+            "rollout/entropy": masked_mean(rollout.entropy, mask).item(),
             "rollout/response_length": mask.sum(-1).mean().item(),
             "time/generation": generated - started,
             "time/scoring": scored - generated,
@@ -271,12 +284,19 @@ class PPOModule(pl.LightningModule):
         self.log_dict(metrics, on_step=True, prog_bar=False)
         self._log_samples(batch_idx, batch["prompts"], responses, reward, cost)
 
+    def _clock(self) -> float:
+        """Wall time once the GPU has run what is queued, so each phase is timed by its own
+        work (CUDA calls return before their kernels finish)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def _score(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         """Everything the update compares against, computed once under inference mode."""
         with torch.inference_mode():
             scores = {
-                "logprobs": response_log_probs(self.actor, rollout),
-                "ref_logprobs": response_log_probs(self.reference, rollout),
+                "logprobs": rollout.logprobs,  # kept while sampling: no actor pass needed
+                "ref_logprobs": self._reference_log_probs(rollout),
                 "reward": sequence_scores(self.reward_model, rollout),
                 "reward_values": token_values(self.reward_critic, rollout),
             }
@@ -286,6 +306,12 @@ class PPOModule(pl.LightningModule):
                 scores["cost_values"] = token_values(self.cost_critic, rollout)
         # Inference tensors cannot enter autograd graphs; plain copies can.
         return {name: value.clone() for name, value in scores.items()}
+
+    def _reference_log_probs(self, rollout: Rollout) -> torch.Tensor:
+        if self.reference is not None:
+            return response_log_probs(self.reference, rollout)
+        with self.actor.disable_adapter():  # LoRA: the base model is the reference
+            return response_log_probs(self.actor, rollout)
 
     def _ptx_loss(self) -> torch.Tensor:
         picks = torch.randint(len(self.ptx_examples), (self.algo.ptx_batch_size,)).tolist()
@@ -326,7 +352,7 @@ class PPOModule(pl.LightningModule):
             torch.manual_seed(self.eval_seed)
             for start in range(0, len(self.eval_prompt_ids), EVAL_BATCH):
                 chunk = self.eval_prompt_ids[start : start + EVAL_BATCH]
-                rollout = sample_responses(self.actor, self.tokenizer, chunk, **self.algo.sampling)
+                rollout = sample_responses(self.actor, self.tokenizer, chunk, **self.sampling)
                 responses += decode_responses(self.tokenizer, rollout)
                 rewards.append(sequence_scores(self.reward_model, rollout))
                 if self.cost_model is not None:
@@ -414,6 +440,15 @@ class PromptDataModule(pl.LightningDataModule):
         )
 
 
+def with_lora(model: PreTrainedModel, rank: int, alpha: float) -> PreTrainedModel:
+    """``model`` with trainable LoRA adapters on every linear layer of its blocks (the LM head
+    stays frozen), the base weights frozen."""
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules="all-linear", task_type=TaskType.CAUSAL_LM
+    )
+    return get_peft_model(model, config)
+
+
 def _load_score_model(path: str, name: str, tokenizer) -> PreTrainedModel:
     model = AutoModelForSequenceClassification.from_pretrained(path)
     if load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
@@ -435,13 +470,21 @@ def ppo_task(run: RunContext) -> TaskResult:
 
     tokenizer = load_tokenizer(policy_dir)
     actor = AutoModelForCausalLM.from_pretrained(policy_dir)
-    reference = AutoModelForCausalLM.from_pretrained(policy_dir)
+    reference = None
+    if algo.lora_rank > 0:
+        actor = with_lora(actor, algo.lora_rank, algo.lora_alpha)
+    else:
+        reference = AutoModelForCausalLM.from_pretrained(policy_dir)
     reward_model = _load_score_model(reward_dir, "reward", tokenizer)
     reward_critic = AutoModelForSequenceClassification.from_pretrained(reward_dir)
     cost_model = _load_score_model(cost_dir, "cost", tokenizer) if uses_cost else None
     cost_critic = (
         AutoModelForSequenceClassification.from_pretrained(cost_dir) if constrained else None
     )
+    if algo.gradient_checkpointing:
+        for model in (actor, reward_critic, cost_critic):
+            if model is not None:
+                model.activation_checkpointing_enable()
     lagrange = None
     if constrained:
         lc = cfg.lagrange
@@ -479,6 +522,7 @@ def ppo_task(run: RunContext) -> TaskResult:
         gold=cfg.data.source == "benchmark",
         ptx_examples=ptx,
         sample_every=cfg.task.sample_every,
+        static_prompt_width=max_prompt if algo.compile_generation else None,
     )
     data = PromptDataModule(
         train_prompts, tokenize_prompts(tokenizer, train_prompts, max_prompt), algo.iterations,
@@ -506,7 +550,8 @@ def ppo_task(run: RunContext) -> TaskResult:
     metrics |= {f"initial/{name}": value for name, value in module.initial_eval.items()}
     metrics |= {f"final/{name}": value for name, value in module.final_eval.items()}
     if trainer.is_global_zero:
-        save_artifact(module.actor, tokenizer, artifact)
+        policy = module.actor.merge_and_unload() if algo.lora_rank > 0 else module.actor
+        save_artifact(policy, tokenizer, artifact)  # a plain causal LM either way
         (run.run_dir / "ppo_history.json").write_text(json.dumps(module.history, indent=1) + "\n")
     return TaskResult(
         metrics, {"policy": str(artifact), "history": str(run.run_dir / "ppo_history.json")}
