@@ -16,10 +16,12 @@ frameworks in this process:
 
 Presets: ``tiny`` (``conf/model/tiny.yaml``, float32; the CPU figure) and ``0.5b`` (a randomly
 initialised Llama-shaped model of 0.47B parameters, 32k vocabulary, bf16 weights on both sides;
-``--device cuda``). On CUDA the script also runs saferlhf variants (``--variants``): compiled
-static-cache decoding, a LoRA actor, gradient checkpointing; and it reports generation tokens/s,
-samples/s, peak GPU memory and the fraction of the step's FLOP limit (model FLOPs of the
-iteration over its time x a measured bf16 matmul peak).
+``--device cuda``). ``--variants`` adds saferlhf runs with other settings: decoding with or
+without ``torch.compile`` (``compiled``, ``eager``; the default compiles it on CUDA only),
+minibatches without length bucketing (``unbucketed``), a LoRA actor (``lora``), gradient
+checkpointing (``checkpointing``); on CUDA the last three by default, while ``--budget-s`` lasts. Each run reports generation
+tokens/s and samples/s; on CUDA also peak GPU memory and the fraction of the step's FLOP limit
+(model FLOPs of the iteration over its time x a measured bf16 matmul peak).
 
 The first W iterations of each run are dropped; the script prints the medians, saferlhf's split
 into generation / scoring / update and the ratio TRL / saferlhf, and writes
@@ -74,12 +76,15 @@ PRESETS = {
     "0.5b": dict(batch=64, new_tokens=128, epochs=2, minibatch=32),
 }
 SAFERLHF_VARIANTS = {  # name -> extra overrides
-    "default": [],
-    "compiled": ["algo.compile_generation=true"],
+    "default": [],  # on CUDA: compiled decoding (algo.compile_generation=null)
+    "eager": ["algo.compile_generation=false"],
+    "compiled": ["algo.compile_generation=true"],  # on CPU: needs a C++ compiler for inductor
+    "unbucketed": ["algo.length_bucketing=false"],
     "lora": ["algo.lora_rank=16"],
     "checkpointing": ["algo.gradient_checkpointing=true"],
 }
 
+DEFAULT_VARIANTS = {"cpu": "default", "cuda": "default,checkpointing,lora,eager"}
 
 # -- shared setup ------------------------------------------------------------------------------
 
@@ -499,7 +504,9 @@ def add_flops(result: dict, args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--preset", choices=tuple(PRESETS), default=None, help="tiny on cpu")
+    parser.add_argument(
+        "--preset", choices=tuple(PRESETS), default=None, help="default: tiny on cpu, 0.5b on cuda"
+    )
     parser.add_argument("--iterations", type=int, default=5, help="timed PPO iterations (N)")
     parser.add_argument("--warmup", type=int, default=2, help="dropped first iterations (W)")
     parser.add_argument("--batch", type=int, help="rollout batch size (B; preset's default)")
@@ -509,14 +516,14 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default=None,
-        help=f"comma-separated saferlhf runs of {sorted(SAFERLHF_VARIANTS)} "
-        "(default: 'default' on cpu, all on cuda)",
+        help=f"comma-separated saferlhf runs of {sorted(SAFERLHF_VARIANTS)}, 'default' first "
+        f"(default: {DEFAULT_VARIANTS})",
     )
     parser.add_argument(
         "--budget-s",
         type=float,
-        default=330.0,
-        help="start no further saferlhf variant after this many seconds",
+        default=240.0,
+        help="start no further saferlhf variant after this many seconds (the GPU run fits 6 min)",
     )
     parser.add_argument("--skip-trl", action="store_true", help="measure saferlhf only")
     parser.add_argument("--output", type=Path, default=None)
@@ -527,9 +534,7 @@ def main() -> None:
             setattr(args, name, value)
     if args.batch % args.minibatch:
         parser.error("--batch must be a multiple of --minibatch")
-    variants = (
-        args.variants or ("default" if args.device == "cpu" else ",".join(SAFERLHF_VARIANTS))
-    ).split(",")
+    variants = (args.variants or DEFAULT_VARIANTS[args.device]).split(",")
     if variants[0] != "default" or not set(variants) <= set(SAFERLHF_VARIANTS):
         parser.error(
             f"--variants must start with 'default' and name only {sorted(SAFERLHF_VARIANTS)}"

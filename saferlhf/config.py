@@ -162,7 +162,7 @@ class PPOConfig:
     ptx_batch_size: int = MISSING
     shaping_lambda: float | None = None  # fixed-λ reward shaping r - λ·c instead of a Lagrangian
     length_bucketing: bool = MISSING  # minibatches of rows of similar length (less padding)
-    compile_generation: bool = MISSING  # fixed-shape decoding step through torch.compile (GPU)
+    compile_generation: bool | None = None  # torch.compile'd fixed-shape decoding; None: on CUDA
     gradient_checkpointing: bool = MISSING  # actor and critics recompute activations in backward
     lora_rank: int = MISSING  # > 0: train LoRA adapters on the actor; reference = adapters off
     lora_alpha: float = MISSING

@@ -481,6 +481,10 @@ def ppo_task(run: RunContext) -> TaskResult:
     cost_critic = (
         AutoModelForSequenceClassification.from_pretrained(cost_dir) if constrained else None
     )
+    # Compiled decoding pays off where kernel launches dominate a decoding step: on GPUs.
+    compile_generation = algo.compile_generation
+    if compile_generation is None:
+        compile_generation = cfg.trainer.accelerator in ("gpu", "cuda")
     if algo.gradient_checkpointing:
         for model in (actor, reward_critic, cost_critic):
             if model is not None:
@@ -522,7 +526,7 @@ def ppo_task(run: RunContext) -> TaskResult:
         gold=cfg.data.source == "benchmark",
         ptx_examples=ptx,
         sample_every=cfg.task.sample_every,
-        static_prompt_width=max_prompt if algo.compile_generation else None,
+        static_prompt_width=max_prompt if compile_generation else None,
     )
     data = PromptDataModule(
         train_prompts, tokenize_prompts(tokenizer, train_prompts, max_prompt), algo.iterations,
