@@ -18,7 +18,7 @@ Presets: ``tiny`` (``conf/model/tiny.yaml``, float32; the CPU figure) and ``0.5b
 initialised Llama-shaped model of 0.47B parameters, 32k vocabulary, bf16 weights on both sides;
 ``--device cuda``). ``--variants`` adds saferlhf runs with other settings: decoding with or
 without ``torch.compile`` (``compiled``, ``eager``; the default compiles it on CUDA only),
-minibatches without length bucketing (``unbucketed``), a LoRA actor (``lora``), gradient
+length-bucketed minibatches (``bucketed``), a LoRA actor (``lora``), gradient
 checkpointing (``checkpointing``); on CUDA the last three by default, while ``--budget-s`` lasts. Each run reports generation
 tokens/s and samples/s; on CUDA also peak GPU memory and the fraction of the step's FLOP limit
 (model FLOPs of the iteration over its time x a measured bf16 matmul peak).
@@ -79,7 +79,7 @@ SAFERLHF_VARIANTS = {  # name -> extra overrides
     "default": [],  # on CUDA: compiled decoding (algo.compile_generation=null)
     "eager": ["algo.compile_generation=false"],
     "compiled": ["algo.compile_generation=true"],  # on CPU: needs a C++ compiler for inductor
-    "unbucketed": ["algo.length_bucketing=false"],
+    "bucketed": ["algo.length_bucketing=true"],
     "lora": ["algo.lora_rank=16"],
     "checkpointing": ["algo.gradient_checkpointing=true"],
 }

@@ -109,6 +109,40 @@ def test_sample_from_logits_draws_the_filtered_softmax(temperature, top_k, top_p
     assert all(f == 0.0 for f, e in zip(frequencies, expected, strict=True) if e == 0.0)
 
 
+def test_sample_from_logits_rejects_settings_that_leave_nothing_to_sample():
+    logits = torch.zeros(2, 4)
+    for temperature, top_k, top_p in ((0.0, 0, 1.0), (1.0, -1, 1.0), (1.0, 0, 0.0)):
+        with pytest.raises(ValueError, match="sampling needs"):
+            sample_from_logits(logits, temperature, top_k, top_p)
+
+
+def test_decoding_ends_each_row_at_its_eos_and_stops_when_all_have_ended(tokenizer, tiny_models):
+    _, policy, _ = tiny_models
+    eos = tokenizer.eos_token_id
+    bias = torch.zeros(policy.config.vocab_size)
+    bias[eos] = 7.0  # EOS takes about half the mass at each step: rows end at different steps
+    hook = policy.lm_head.register_forward_hook(lambda module, inputs, output: output + bias)
+    try:
+        torch.manual_seed(6)
+        prompt_ids = tokenize_prompts(tokenizer, ["hi", "how can i grow tomatoes ?"] * 8, 64)
+        rollout = sample_responses(policy, tokenizer, prompt_ids, 40, 1.0, 0, 1.0)
+        with torch.no_grad():
+            full_logprobs = response_log_probs(policy, rollout)
+    finally:
+        hook.remove()
+    lengths = rollout.response_mask.sum(-1).long()
+    assert rollout.responses.shape[1] == int(lengths.max()) < 40  # stopped once all had ended
+    assert len(set(lengths.tolist())) > 2
+    for row, length in enumerate(lengths.tolist()):
+        tokens = rollout.responses[row].tolist()
+        assert tokens[length - 1] == eos and eos not in tokens[: length - 1]
+        assert all(t == tokenizer.pad_token_id for t in tokens[length:])
+        assert rollout.attention_mask[row, rollout.prompt_width :].sum() == length
+        assert (rollout.logprobs[row, length:] == 0).all()
+    mask = rollout.response_mask
+    torch.testing.assert_close(rollout.logprobs, full_logprobs * mask, atol=1e-5, rtol=1e-4)
+
+
 def test_decoding_keeps_the_log_probs_and_entropy_a_full_forward_pass_gives(tokenizer, tiny_models):
     _, policy, _ = tiny_models
     prompt_ids = tokenize_prompts(tokenizer, ["hi", "how can i grow tomatoes ?"] * 3, 64)

@@ -105,8 +105,11 @@ def sample_from_logits(
     samples exactly the filtered softmax; on CPU ``torch.multinomial`` costs ten times as much
     per draw and took a quarter of the decoding time.
     """
-    if temperature <= 0:
-        raise ValueError(f"sampling needs temperature > 0, got {temperature}")
+    if temperature <= 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(
+            f"sampling needs temperature > 0, top_k >= 0 and 0 < top_p <= 1; got temperature="
+            f"{temperature}, top_k={top_k}, top_p={top_p}"
+        )
     logits = logits / temperature
     if 0 < top_k < logits.shape[-1]:
         kth_largest = logits.topk(top_k, dim=-1).values[:, -1:]
@@ -187,6 +190,7 @@ def _decode(
     )
     prompts, prompt_mask = prompts.to(device), prompt_mask.to(device)
     batch, width = prompts.shape
+    # Each step writes the next slot of the cache (it counts what it holds): it must start empty.
     cache = StaticCache(config=actor.config, max_cache_len=width + max_new_tokens)
     attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, max_new_tokens)], 1)
     positions = positions_from_mask(prompt_mask)
@@ -218,7 +222,6 @@ def _decode(
             attention_mask=attention_mask,
             position_ids=next_position,
             cache=cache,
-            cache_position=torch.tensor([width + step], device=device),
             use_cache=True,
         ).logits[:, -1]
         next_position = next_position + 1

@@ -116,7 +116,7 @@ class PPOModule(pl.LightningModule):
         self.ptx_collate = LanguageModelingCollator(tokenizer.pad_token_id)
         self.history: list[dict[str, float]] = []
         self.initial_eval: dict[str, float] | None = None
-        self._resume_rng_state: torch.Tensor | None = None
+        self._resume_rng_state: tuple | None = None  # (CPU state, CUDA states or None)
         self.final_eval: dict[str, float] | None = None
         # λ moves by its own rule on every rank alike; DDP must not average its gradient.
         self._ddp_params_and_buffers_to_ignore = ["lagrange.log_lambda"]
@@ -379,6 +379,7 @@ class PPOModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ppo"] = {
             "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
             "history": self.history,
             "initial_eval": self.initial_eval,
         }
@@ -388,11 +389,14 @@ class PPOModule(pl.LightningModule):
         self.history, self.initial_eval = state["history"], state["initial_eval"]
         # Applied right before the next iteration: the Trainer draws random numbers while it
         # sets up, after loading the checkpoint.
-        self._resume_rng_state = state["rng"]
+        self._resume_rng_state = state["rng"], state.get("cuda_rng")
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         if self._resume_rng_state is not None:
-            torch.set_rng_state(self._resume_rng_state)
+            cpu_state, cuda_states = self._resume_rng_state
+            torch.set_rng_state(cpu_state)
+            if cuda_states is not None:  # decoding and minibatch order draw on the GPU's RNG
+                torch.cuda.set_rng_state_all(cuda_states)
             self._resume_rng_state = None
 
 
@@ -481,10 +485,17 @@ def ppo_task(run: RunContext) -> TaskResult:
     cost_critic = (
         AutoModelForSequenceClassification.from_pretrained(cost_dir) if constrained else None
     )
-    # Compiled decoding pays off where kernel launches dominate a decoding step: on GPUs.
+    # Compiled decoding pays off where kernel launches dominate a decoding step: on GPUs. Sharded
+    # parameters (fsdp, deepspeed) inside its CUDA graphs are untested, so those opt in.
     compile_generation = algo.compile_generation
     if compile_generation is None:
-        compile_generation = cfg.trainer.accelerator in ("gpu", "cuda")
+        compile_generation = cfg.trainer.accelerator in (
+            "gpu",
+            "cuda",
+        ) and cfg.trainer.strategy in (
+            "auto",
+            "ddp",
+        )
     if algo.gradient_checkpointing:
         for model in (actor, reward_critic, cost_critic):
             if model is not None:
