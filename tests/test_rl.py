@@ -25,6 +25,7 @@ from saferlhf.rl.rollout import (
     token_values,
 )
 from saferlhf.run import read_summary
+from saferlhf.tasks.ppo import decodes_compiled
 from tests.tiny import Interrupt, InterruptAt, benchmark_tokenizer, micro_model_cfg
 
 
@@ -396,6 +397,24 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_changes_no_result(
     passes = 2 * cfg.algo.ppo_epochs * (cfg.algo.rollout_batch_size // cfg.algo.minibatch_size)
     assert calls == [passes, 2 * passes]
     assert histories[1] == [pytest.approx(h, rel=1e-5, abs=1e-6) for h in histories[0]]
+
+
+@pytest.mark.parametrize(
+    "overrides, compiled",
+    [
+        (["trainer=cpu"], False),
+        (["trainer=gpu"], True),
+        (["trainer=ddp"], True),
+        (["trainer=fsdp"], False),  # sharded parameters in CUDA graphs: opt in
+        (["trainer=cpu", "algo.compile_generation=true"], True),
+        (["trainer=gpu", "algo.compile_generation=false"], False),
+    ],
+)
+def test_decoding_is_compiled_by_default_on_single_gpu_and_ddp_only(
+    compose_cfg, overrides, compiled
+):
+    cfg = compose_cfg("task=ppo", *overrides)
+    assert decodes_compiled(cfg.algo, cfg.trainer) is compiled
 
 
 def test_ppo_needs_its_init_artifacts(compose_cfg, tmp_path):

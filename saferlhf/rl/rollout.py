@@ -125,7 +125,7 @@ def sample_from_logits(
     return (
         torch.searchsorted(cumulative, draw, right=True)
         .squeeze(-1)
-        .clamp_(max=len(cumulative[0]) - 1)
+        .clamp_(max=cumulative.shape[-1] - 1)
     )
 
 

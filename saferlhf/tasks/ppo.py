@@ -453,6 +453,16 @@ def with_lora(model: PreTrainedModel, rank: int, alpha: float) -> PreTrainedMode
     return get_peft_model(model, config)
 
 
+def decodes_compiled(algo, trainer_cfg) -> bool:
+    """``algo.compile_generation``, or when unset: on CUDA, in one process or under DDP.
+
+    Compiled decoding pays off where kernel launches dominate a decoding step, on GPUs; sharded
+    parameters (fsdp, deepspeed) inside its CUDA graphs are untested, so those opt in."""
+    if algo.compile_generation is not None:
+        return algo.compile_generation
+    return trainer_cfg.accelerator in ("gpu", "cuda") and trainer_cfg.strategy in ("auto", "ddp")
+
+
 def _load_score_model(path: str, name: str, tokenizer) -> PreTrainedModel:
     model = AutoModelForSequenceClassification.from_pretrained(path)
     if load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
@@ -485,17 +495,6 @@ def ppo_task(run: RunContext) -> TaskResult:
     cost_critic = (
         AutoModelForSequenceClassification.from_pretrained(cost_dir) if constrained else None
     )
-    # Compiled decoding pays off where kernel launches dominate a decoding step: on GPUs. Sharded
-    # parameters (fsdp, deepspeed) inside its CUDA graphs are untested, so those opt in.
-    compile_generation = algo.compile_generation
-    if compile_generation is None:
-        compile_generation = cfg.trainer.accelerator in (
-            "gpu",
-            "cuda",
-        ) and cfg.trainer.strategy in (
-            "auto",
-            "ddp",
-        )
     if algo.gradient_checkpointing:
         for model in (actor, reward_critic, cost_critic):
             if model is not None:
@@ -537,7 +536,7 @@ def ppo_task(run: RunContext) -> TaskResult:
         gold=cfg.data.source == "benchmark",
         ptx_examples=ptx,
         sample_every=cfg.task.sample_every,
-        static_prompt_width=max_prompt if compile_generation else None,
+        static_prompt_width=max_prompt if decodes_compiled(algo, cfg.trainer) else None,
     )
     data = PromptDataModule(
         train_prompts, tokenize_prompts(tokenizer, train_prompts, max_prompt), algo.iterations,
