@@ -18,6 +18,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from saferlhf.data import views
 from saferlhf.data.benchmark import generate_benchmark
 from saferlhf.data.collate import format_conversation
+from saferlhf.data.module import list_loader
 from saferlhf.data.schema import HARM_CATEGORIES
 from saferlhf.data.sources import load_data
 from saferlhf.models import build_score_model, train_bpe_tokenizer
@@ -26,13 +27,13 @@ from saferlhf.moderation.api import flag, split_logits
 from saferlhf.moderation.cli import main as moderate_main
 from saferlhf.run import read_summary
 from saferlhf.tasks.moderation import (
+    ItemCollator,
     ModerationModule,
     balanced_weights,
     binary_prf,
     choose_thresholds,
     export_moderator,
     holdout_split,
-    item_loader,
     moderation_loss,
     moderation_metrics,
     severity_confusion,
@@ -242,7 +243,7 @@ def _predict(model, items, pad_token_id):
     module = ModerationModule(model.eval(), lr=0.0, weight_decay=0.0, warmup_ratio=0.0)
     probs, severity = [], []
     with torch.inference_mode():
-        for batch in item_loader(items, pad_token_id, batch_size=64, shuffle=False, seed=0):
+        for batch in list_loader(items, ItemCollator(pad_token_id), 64, False, 0):
             category_logits, severity_logits = split_logits(
                 module(batch["input_ids"], batch["attention_mask"])
             )

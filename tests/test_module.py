@@ -4,10 +4,11 @@ import pytest
 
 from saferlhf.data.module import (
     ListDataset,
+    PairCollator,
     ResumableDataLoader,
     ShardedSampler,
     TokenizedPairs,
-    pair_loader,
+    list_loader,
 )
 
 
@@ -54,21 +55,21 @@ def test_padding_slots_have_weight_zero():
 
 
 def test_pair_batches_stack_firsts_then_seconds():
-    batch = next(iter(pair_loader(_pairs(4), pad_token_id=0, batch_size=2, shuffle=False, seed=0)))
+    batch = next(iter(list_loader(_pairs(4), PairCollator(0), 2, False, 0)))
     assert batch["input_ids"].tolist() == [[0, 1, 0], [1, 1, 0], [0, 2, 3], [1, 2, 3]]
     assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 1, 1]]
     assert batch["signs"].tolist() == [-1.0, -1.0, 1.0, 1.0]
 
 
 def test_resumable_loader_skips_the_batches_already_trained_on():
-    loader = pair_loader(_pairs(10), pad_token_id=0, batch_size=2, shuffle=True, seed=5)
+    loader = list_loader(_pairs(10), PairCollator(0), 2, True, 5)
     assert isinstance(loader, ResumableDataLoader)
     full = [b["input_ids"][0, 0].item() for b in loader]
     iterator = iter(loader)
     next(iterator), next(iterator)
     state = loader.state_dict()
     assert state == {"batches_yielded": 2}
-    fresh = pair_loader(_pairs(10), pad_token_id=0, batch_size=2, shuffle=True, seed=5)
+    fresh = list_loader(_pairs(10), PairCollator(0), 2, True, 5)
     fresh.load_state_dict(state)
     assert [b["input_ids"][0, 0].item() for b in fresh] == full[2:]
     assert [b["input_ids"][0, 0].item() for b in fresh] == full  # the next epoch starts whole

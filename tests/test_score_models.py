@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from saferlhf.cli import run
-from saferlhf.data.module import pair_loader
+from saferlhf.data.module import PairCollator, list_loader
 from saferlhf.data.sources import load_data
 from saferlhf.evaluate.metrics import pairwise_accuracy
 from saferlhf.models import build_score_model
@@ -35,7 +35,7 @@ def _scores(model, pairs, pad_token_id):
     )
     firsts, seconds = [], []
     with torch.inference_mode():
-        for batch in pair_loader(pairs, pad_token_id, batch_size=64, shuffle=False, seed=0):
+        for batch in list_loader(pairs, PairCollator(pad_token_id), 64, False, 0):
             first, second = scorer._pair_scores(batch)
             firsts.append(first)
             seconds.append(second)

@@ -126,20 +126,6 @@ class PairCollator:
         }
 
 
-def pair_loader(
-    pairs: TokenizedPairs,
-    pad_token_id: int,
-    batch_size: int,
-    shuffle: bool,
-    seed: int,
-    rank: int = 0,
-    world_size: int = 1,
-) -> ResumableDataLoader:
-    return list_loader(
-        pairs, PairCollator(pad_token_id), batch_size, shuffle, seed, rank, world_size
-    )
-
-
 class ListDataset(Dataset):
     """Examples held in a list; indices past the end are :class:`ShardedSampler` padding."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from saferlhf.data.module import pair_loader
+from saferlhf.data.module import PairCollator, list_loader
 from saferlhf.data.sources import load_data
 from saferlhf.run import RunContext, TaskResult
 from saferlhf.tasks.score import OBJECTIVES, ScoreModule, tokenized_pairs
@@ -36,8 +36,8 @@ def evaluate_score(run: RunContext) -> TaskResult:
     if cfg.task.split not in loaded.splits:
         raise ValueError(f"task.split={cfg.task.split!r}: expected one of {list(loaded.splits)}")
     pairs = tokenized_pairs(cfg, objective, loaded.splits[cfg.task.split], tokenizer)
-    loader = pair_loader(
-        pairs, tokenizer.pad_token_id, cfg.task.batch_size, shuffle=False, seed=cfg.seed
+    loader = list_loader(
+        pairs, PairCollator(tokenizer.pad_token_id), cfg.task.batch_size, False, cfg.seed
     )
     scorer = ScoreModule(model, objective, lr=0.0, weight_decay=0.0, warmup_ratio=0.0, reg=0.0)
     firsts, seconds = [], []

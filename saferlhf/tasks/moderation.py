@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from saferlhf.data import views
 from saferlhf.data.collate import pad_sequences, tokenize_conversations
-from saferlhf.data.module import ListDataModule, ResumableDataLoader, list_loader
+from saferlhf.data.module import ListDataModule
 from saferlhf.data.schema import HARM_CATEGORIES, SEVERITY_LEVELS
 from saferlhf.data.sources import load_data
 from saferlhf.models import build_score_model, save_artifact
@@ -297,20 +297,6 @@ class ItemCollator:
             "is_safe": torch.tensor([float(b["is_safe"]) for b in batch]),  # (B,)
             "weight": torch.tensor([weight for _, weight in examples]),  # (B,)
         }
-
-
-def item_loader(
-    items: TokenizedItems,
-    pad_token_id: int,
-    batch_size: int,
-    shuffle: bool,
-    seed: int,
-    rank: int = 0,
-    world_size: int = 1,
-) -> ResumableDataLoader:
-    return list_loader(
-        items, ItemCollator(pad_token_id), batch_size, shuffle, seed, rank, world_size
-    )
 
 
 # -- the module ------------------------------------------------------------------------------
