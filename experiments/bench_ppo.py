@@ -3,7 +3,7 @@
 Builds ONE set of *untrained* artifacts in a temp dir (a byte-level BPE tokenizer trained on the
 embedded benchmark text, a Llama-shaped policy and a reward model; the value/critic is
 initialised from the reward folder on both sides), then runs the same work through both
-frameworks in this process:
+frameworks, saferlhf in this process and TRL in a fresh child process:
 
 * saferlhf: the real ``saferlhf task=ppo preference=single`` (composed from the config tree and run
   with :func:`saferlhf.cli.run`); per-iteration times come from ``ppo_history.json``
@@ -47,11 +47,13 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
+import multiprocessing  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -345,8 +347,14 @@ def run_saferlhf(args, paths: dict[str, Path], run_dir: Path, variant: str) -> d
 # -- TRL -----------------------------------------------------------------------------------------
 
 
-def run_trl(args, paths: dict[str, Path], batches: list[list[list[int]]], out_dir: Path) -> dict:
-    """The same work through TRL 1.12's PPOTrainer, each step timed by a callback."""
+def run_trl(
+    args, paths: dict[str, Path], batches: list[list[list[int]]], out_dir: Path, algo: dict
+) -> dict:
+    """The same work through TRL 1.12's PPOTrainer, each step timed by a callback.
+
+    Runs in a child process of its own (see :func:`run_trl_half`), with saferlhf's PPO
+    settings passed in as ``algo``.
+    """
     from datasets import Dataset
     from torch.utils.data import DataLoader
     from transformers import (
@@ -359,7 +367,8 @@ def run_trl(args, paths: dict[str, Path], batches: list[list[list[int]]], out_di
 
     from saferlhf.models import load_tokenizer
 
-    algo = compose_cfg("algo=ppo").algo
+    if args.device == "cpu":
+        torch.set_num_threads(1)
     steps = args.iterations + args.warmup
     cuda = args.device == "cuda"
 
@@ -396,14 +405,14 @@ def run_trl(args, paths: dict[str, Path], batches: list[list[list[int]]], out_di
         total_episodes=steps * args.batch,
         response_length=args.new_tokens,
         stop_token=None,  # fixed-length generation of T tokens
-        temperature=algo.sampling.temperature,
+        temperature=algo["temperature"],
         num_sample_generations=0,
-        learning_rate=algo.actor_lr,
-        kl_coef=algo.kl_coef,
-        cliprange=algo.clip_range,
-        cliprange_value=algo.value_clip_range,
-        gamma=algo.gamma,
-        lam=algo.gae_lambda,
+        learning_rate=algo["actor_lr"],
+        kl_coef=algo["kl_coef"],
+        cliprange=algo["clip_range"],
+        cliprange_value=algo["value_clip_range"],
+        gamma=algo["gamma"],
+        lam=algo["gae_lambda"],
         logging_steps=1,
         disable_tqdm=True,
     )
@@ -616,8 +625,27 @@ def run_trl_half(args, paths, root: Path, result: dict, missing: str | None) -> 
     batches = prompt_batches(
         cfg, load_tokenizer(str(paths["policy"])), args.iterations + args.warmup, args.batch
     )
+    algo = cfg.algo
+    settings = {
+        "temperature": algo.sampling.temperature,
+        **{
+            k: algo[k]
+            for k in (
+                "actor_lr",
+                "kl_coef",
+                "clip_range",
+                "value_clip_range",
+                "gamma",
+                "gae_lambda",
+            )
+        },
+    }
     print(f"TRL: {args.warmup} + {args.iterations} PPO steps ...", flush=True)
-    trl = result["trl"] = run_trl(args, paths, batches, root / "trl_run")
+    # A fresh process: TRL calls gc.collect() twice per step, and each call walks every live
+    # Python object, so TRL in this process would also pay for saferlhf's (Lightning, Hydra).
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        trl = pool.submit(run_trl, args, paths, batches, root / "trl_run", settings).result()
+    result["trl"] = trl
     ours = result["saferlhf"]["default"]
     result["ratio_trl_over_saferlhf"] = trl["median_iteration_s"] / ours["median_iteration_s"]
     result["ratio_trl_over_saferlhf_step_wall"] = (

@@ -153,15 +153,19 @@ def cost_loss(
 # ---------------------------------------------------------------------------------------------
 
 
+SELECTIVE_LOG_SOFTMAX_CHUNK = 2**24  # logits per logsumexp call (64 MiB in float32)
+
+
 def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
     """Log-probabilities of the chosen tokens, without a full ``log_softmax`` copy.
 
     Equivalent to the naive
     ``torch.log_softmax(logits, dim=-1).gather(-1, index.unsqueeze(-1)).squeeze(-1)``, but in
-    float32/float64 it computes ``logits[index] - logsumexp(logits)`` one row at a time, so
-    the peak memory is one ``(T, V)`` row instead of a second ``(B, T, V)`` tensor (TRL's
-    ``selective_log_softmax``). In half precision the logsumexp subtraction loses too much
-    accuracy, so it falls back to a row-wise ``log_softmax``.
+    float32/float64 it computes ``logits[index] - logsumexp(logits)`` over chunks of rows of at
+    most ``2**24`` logits, so the extra peak memory is one chunk instead of a second
+    ``(B, T, V)`` tensor, in a few large operations rather than one per row (TRL's
+    ``selective_log_softmax`` loops over rows). In half precision the logsumexp subtraction
+    loses too much accuracy, so it falls back to a row-wise ``log_softmax``.
 
     Args:
         logits: ``(B, T, V)``.
@@ -172,7 +176,9 @@ def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
     """
     if logits.dtype in (torch.float32, torch.float64):
         chosen = logits.gather(dim=-1, index=index.unsqueeze(-1)).squeeze(-1)  # (B, T)
-        normaliser = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])  # (B, T)
+        rows_per_chunk = max(1, SELECTIVE_LOG_SOFTMAX_CHUNK // max(1, logits[0].numel()))
+        chunks = logits.split(rows_per_chunk)
+        normaliser = torch.cat([torch.logsumexp(chunk, dim=-1) for chunk in chunks])  # (B, T)
         return chosen - normaliser
     rows = [
         torch.log_softmax(row, dim=-1).gather(dim=-1, index=row_index.unsqueeze(-1)).squeeze(-1)

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from saferlhf import losses
 from saferlhf.losses import (
     bradley_terry_loss,
     clamp_log_lambda_,
@@ -178,6 +179,16 @@ def test_selective_log_softmax_matches_naive(dtype):
     result = selective_log_softmax(logits, index)
     assert result.shape == (3, 7) and result.dtype == dtype
     torch.testing.assert_close(result, naive)
+
+
+@pytest.mark.parametrize("chunk", [1, 2 * 7 * 11, 10**9])  # a row each, 2 + 1 rows, all rows
+def test_selective_log_softmax_chunks_agree(monkeypatch, chunk):
+    monkeypatch.setattr(losses, "SELECTIVE_LOG_SOFTMAX_CHUNK", chunk)
+    torch.manual_seed(0)
+    logits = 5 * torch.randn(3, 7, 11, dtype=torch.float64)
+    index = torch.randint(0, 11, (3, 7))
+    naive = torch.log_softmax(logits, dim=-1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(selective_log_softmax(logits, index), naive)
 
 
 def test_selective_log_softmax_bfloat16_fallback():

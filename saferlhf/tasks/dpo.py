@@ -145,7 +145,9 @@ class PreferenceCollator:
 
 def response_log_probs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """``log π(y|x)`` per sequence: the summed log-probs of the unmasked label tokens, ``(N,)``."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
     labels = batch["labels"][:, 1:]  # token t is predicted from tokens < t
     return sequence_log_probs(logits[:, :-1].float(), labels, labels != -100)
 

@@ -331,7 +331,8 @@ class ModerationModule(pl.LightningModule):
         self.outputs: dict[str, torch.Tensor] = {}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return output.logits.float()
 
     def training_step(self, batch, batch_idx):
         category_logits, severity_logits = split_logits(

@@ -103,9 +103,8 @@ class ScoreModule(pl.LightningModule):
         self._val_batches: list[dict[str, torch.Tensor]] = []
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(
-            -1
-        )  # (N,)
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return output.logits.squeeze(-1)  # (N,)
 
     def _pair_scores(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         return self(batch["input_ids"], batch["attention_mask"]).float().chunk(2)  # (B,), (B,)

@@ -33,9 +33,9 @@ def response_nll(
     model: PreTrainedModel, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed negative log-likelihood of the unmasked label tokens, and their count."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
-        :, :-1
-    ]
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits[:, :-1]
     labels = batch["labels"][:, 1:]  # token t is predicted from tokens < t
     mask = (labels != -100) & (batch["weight"][:, None] > 0)
     token_logps = selective_log_softmax(logits.float(), labels.clamp(min=0))  # (B, T-1)
