@@ -24,7 +24,9 @@ tokens/s and samples/s; on CUDA also peak GPU memory and the fraction of the ste
 (model FLOPs of the iteration over its time x a measured bf16 matmul peak).
 
 The first W iterations of each run are dropped; the script prints the medians, saferlhf's split
-into generation / scoring / update and the ratio TRL / saferlhf, and writes
+into generation / scoring / update and the ratio TRL / saferlhf. saferlhf's default run and TRL's
+run alternate ``--pairs`` times (3 on CPU: the shared cores drift by about 10% between minutes);
+the ratio is the median of the back-to-back pairs' ratios. It writes
 ``experiments/results/bench_ppo_<device>.json`` (after every run, so a cut-off run keeps its
 figures). TRL is an optional dependency, kept out of the project venv::
 
@@ -534,10 +536,17 @@ def main() -> None:
         default=240.0,
         help="start no further saferlhf variant after this many seconds (the GPU run fits 6 min)",
     )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=None,
+        help="back-to-back runs of saferlhf's default and TRL (default: 3 on cpu, 1 on cuda)",
+    )
     parser.add_argument("--skip-trl", action="store_true", help="measure saferlhf only")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     args.preset = args.preset or ("0.5b" if args.device == "cuda" else "tiny")
+    args.pairs = args.pairs or (1 if args.device == "cuda" else 3)
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -564,6 +573,7 @@ def main() -> None:
             "new_tokens": args.new_tokens,
             "ppo_epochs": args.epochs,
             "minibatch": args.minibatch,
+            "pairs": args.pairs,
             "model": "conf/model/tiny.yaml (untrained), float32"
             if args.preset == "tiny"
             else f"untrained Llama {ARCH_05B}, bf16 weights",
@@ -590,35 +600,53 @@ def main() -> None:
         root = Path(tmp)
         paths = build_artifacts(root / "artifacts", args.preset, args.device)
         missing = trl_missing(args)
-        # saferlhf's default first, then TRL, then the optional variants while time remains.
-        for variant in variants:
-            if variant != "default" and time.perf_counter() - started > args.budget_s:
+        # saferlhf's default and TRL back to back (--pairs times), then the optional variants
+        # while time remains. The shared CPU cores drift by about 10% between minutes, so each
+        # ratio compares two runs made one after the other and the headline is their median.
+        result["pairs"] = []
+        for pair in range(args.pairs if missing is None else 1):
+            print(f"pair {pair + 1} of {args.pairs}", flush=True)
+            ours = run_variant(args, paths, root / f"saferlhf_default_{pair}", "default")
+            result["saferlhf"].setdefault("default", ours)
+            trl = run_trl_half(args, paths, root / f"trl_run_{pair}", missing)
+            result.setdefault("trl", trl)
+            if "median_iteration_s" in trl:
+                result["pairs"].append(
+                    {
+                        "saferlhf_s": ours["median_iteration_s"],
+                        "trl_s": trl["median_iteration_s"],
+                        "ratio": trl["median_iteration_s"] / ours["median_iteration_s"],
+                        "ratio_step_wall": trl["median_iteration_s"] / ours["median_step_wall_s"],
+                    }
+                )
+                result["ratio_trl_over_saferlhf"] = median([p["ratio"] for p in result["pairs"]])
+                result["ratio_trl_over_saferlhf_step_wall"] = median(
+                    [p["ratio_step_wall"] for p in result["pairs"]]
+                )
+            save()
+        for variant in variants[1:]:
+            if time.perf_counter() - started > args.budget_s:
                 result["saferlhf"][variant] = {"skipped": f"over --budget-s {args.budget_s}"}
                 continue
-            print(
-                f"saferlhf [{variant}]: {args.warmup} + {args.iterations} PPO iterations ...",
-                flush=True,
-            )
             try:
-                result["saferlhf"][variant] = run_saferlhf(
+                result["saferlhf"][variant] = run_variant(
                     args, paths, root / f"saferlhf_{variant}", variant
                 )
             except Exception as error:  # a failed optional variant must not lose the others
-                if variant == "default":
-                    raise
                 result["saferlhf"][variant] = {"failed": f"{type(error).__name__}: {error}"}
             save()
-            if variant == "default":
-                run_trl_half(args, paths, root, result, missing)
-                save()
     report(result)
     print(f"wrote {args.output}")
 
 
-def run_trl_half(args, paths, root: Path, result: dict, missing: str | None) -> None:
+def run_variant(args, paths: dict[str, Path], run_dir: Path, variant: str) -> dict:
+    print(f"saferlhf [{variant}]: {args.warmup} + {args.iterations} PPO iterations ...", flush=True)
+    return run_saferlhf(args, paths, run_dir, variant)
+
+
+def run_trl_half(args, paths, run_dir: Path, missing: str | None) -> dict:
     if missing is not None:
-        result["trl"] = {"missing": missing}
-        return
+        return {"missing": missing}
     from saferlhf.models import load_tokenizer
 
     cfg = compose_cfg(*saferlhf_overrides(args, paths))
@@ -644,13 +672,7 @@ def run_trl_half(args, paths, root: Path, result: dict, missing: str | None) -> 
     # A fresh process: TRL calls gc.collect() twice per step, and each call walks every live
     # Python object, so TRL in this process would also pay for saferlhf's (Lightning, Hydra).
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        trl = pool.submit(run_trl, args, paths, batches, root / "trl_run", settings).result()
-    result["trl"] = trl
-    ours = result["saferlhf"]["default"]
-    result["ratio_trl_over_saferlhf"] = trl["median_iteration_s"] / ours["median_iteration_s"]
-    result["ratio_trl_over_saferlhf_step_wall"] = (
-        trl["median_iteration_s"] / ours["median_step_wall_s"]
-    )
+        return pool.submit(run_trl, args, paths, batches, run_dir, settings).result()
 
 
 def report(result: dict) -> None:
@@ -660,10 +682,12 @@ def report(result: dict) -> None:
         f" E={c['ppo_epochs']} M={c['minibatch']}, median over {c['iterations']} iterations"
         f" after {c['warmup']} warm-up, {c['torch_threads']} torch thread(s)"
     )
+    first_pair = " (pair 1)" if len(result["pairs"]) > 1 else ""
     for variant, s in result["saferlhf"].items():
         if "median_iteration_s" not in s:
             print(f"saferlhf [{variant}]  {s}")
             continue
+        variant += first_pair if variant == "default" else ""
         split = s["median_split_s"]
         memory = f", peak {s['peak_memory_gib']:.1f} GiB" if s["peak_memory_gib"] else ""
         flop = (
@@ -692,15 +716,17 @@ def report(result: dict) -> None:
         f", {t['flop_limit_fraction']:.1%} of the FLOP limit" if "flop_limit_fraction" in t else ""
     )
     print(
-        f"TRL       {t['median_iteration_s']:.3f} s/step, {t['samples_per_s']:.1f} samples/s"
+        f"TRL{first_pair}  {t['median_iteration_s']:.3f} s/step, {t['samples_per_s']:.1f} samples/s"
         f"  ({t['steps_run']} steps run; {t['policy_dtype']}, mixed precision"
         f" {t['mixed_precision']}, gradient checkpointing {t['policy_gradient_checkpointing']}"
         f"{memory}{flop})"
     )
+    pairs = [f"{p['trl_s']:.3f}/{p['saferlhf_s']:.3f} = {p['ratio']:.2f}x" for p in result["pairs"]]
     print(
         f"ratio TRL/saferlhf  {result['ratio_trl_over_saferlhf']:.2f}x"
         f"  (against saferlhf's whole training step: "
-        f"{result['ratio_trl_over_saferlhf_step_wall']:.2f}x)"
+        f"{result['ratio_trl_over_saferlhf_step_wall']:.2f}x); median of {len(pairs)}"
+        f" back-to-back pair(s): {', '.join(pairs)}"
     )
 
 
