@@ -1,0 +1,51 @@
+"""The FLOP accounting behind experiments/bench_ppo.py's FLOP-limit fraction."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import LlamaConfig, LlamaForCausalLM
+
+BENCH = Path(__file__).parents[1] / "experiments" / "bench_ppo.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_ppo", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ppo_iteration_flops_by_hand(bench):
+    # h=2, i=3, 1 layer, V=5: blocks 4*4 + 3*6 = 34, policy 34 + 10 = 44; S = 1 + 1, attention
+    # 2*h*S^2 = 16. generation 2*44*2 + 16; scoring 2*(44 + 2*34)*2 + 3*16; update 6*78*2 + 6*16.
+    flops = bench.ppo_iteration_flops(
+        2, 3, 1, 5, batch=1, prompt_tokens=1, response_tokens=1, epochs=1
+    )
+    assert flops == {"generation": 192, "scoring": 496, "update": 1032}
+
+
+def test_matmul_parameters_and_attention_match_a_counted_forward(bench):
+    torch.manual_seed(0)
+    hidden, intermediate, layers, vocab, tokens = 64, 96, 2, 300, 10
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = "eager"  # plain matmuls, which torch's counter sees
+    model = LlamaForCausalLM(config).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(input_ids=torch.randint(0, vocab, (1, tokens)), use_cache=False)
+    params = bench.matmul_parameters(hidden, intermediate, layers, vocab)
+    causal_attention = 2 * hidden * tokens**2 * layers
+    # Eager attention multiplies the full S x S scores, masked after: twice the causal FLOPs.
+    assert counter.get_total_flops() == 2 * params["policy"] * tokens + 2 * causal_attention
