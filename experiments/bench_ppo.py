@@ -604,8 +604,9 @@ def main() -> None:
         # while time remains. The shared CPU cores drift by about 10% between minutes, so each
         # ratio compares two runs made one after the other and the headline is their median.
         result["pairs"] = []
-        for pair in range(args.pairs if missing is None else 1):
-            print(f"pair {pair + 1} of {args.pairs}", flush=True)
+        pair_count = args.pairs if missing is None else 1
+        for pair in range(pair_count):
+            print(f"pair {pair + 1} of {pair_count}", flush=True)
             ours = run_variant(args, paths, root / f"saferlhf_default_{pair}", "default")
             result["saferlhf"].setdefault("default", ours)
             trl = run_trl_half(args, paths, root / f"trl_run_{pair}", missing)
