@@ -176,7 +176,7 @@ def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
     """
     if logits.dtype in (torch.float32, torch.float64):
         chosen = logits.gather(dim=-1, index=index.unsqueeze(-1)).squeeze(-1)  # (B, T)
-        rows_per_chunk = max(1, SELECTIVE_LOG_SOFTMAX_CHUNK // max(1, logits[0].numel()))
+        rows_per_chunk = max(1, SELECTIVE_LOG_SOFTMAX_CHUNK // max(1, logits.shape[1:].numel()))
         chunks = logits.split(rows_per_chunk)
         normaliser = torch.cat([torch.logsumexp(chunk, dim=-1) for chunk in chunks])  # (B, T)
         return chosen - normaliser
