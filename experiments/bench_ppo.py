@@ -278,6 +278,8 @@ def run_saferlhf(args, paths: dict[str, Path], run_dir: Path, variant: str) -> d
     import saferlhf.tasks.ppo as ppo
     from saferlhf.cli import run
 
+    print(f"saferlhf [{variant}]: {args.warmup} + {args.iterations} PPO iterations ...", flush=True)
+
     class StepWall(Callback):
         """Wall time of each whole training step (one PPO iteration)."""
 
@@ -607,7 +609,7 @@ def main() -> None:
         pair_count = args.pairs if missing is None else 1
         for pair in range(pair_count):
             print(f"pair {pair + 1} of {pair_count}", flush=True)
-            ours = run_variant(args, paths, root / f"saferlhf_default_{pair}", "default")
+            ours = run_saferlhf(args, paths, root / f"saferlhf_default_{pair}", "default")
             result["saferlhf"].setdefault("default", ours)
             trl = run_trl_half(args, paths, root / f"trl_run_{pair}", missing)
             result.setdefault("trl", trl)
@@ -636,7 +638,7 @@ def main() -> None:
                 result["saferlhf"][variant] = {"skipped": f"over --budget-s {args.budget_s}"}
                 continue
             try:
-                result["saferlhf"][variant] = run_variant(
+                result["saferlhf"][variant] = run_saferlhf(
                     args, paths, root / f"saferlhf_{variant}", variant
                 )
             except Exception as error:  # a failed optional variant must not lose the others
@@ -644,11 +646,6 @@ def main() -> None:
             save()
     report(result)
     print(f"wrote {args.output}")
-
-
-def run_variant(args, paths: dict[str, Path], run_dir: Path, variant: str) -> dict:
-    print(f"saferlhf [{variant}]: {args.warmup} + {args.iterations} PPO iterations ...", flush=True)
-    return run_saferlhf(args, paths, run_dir, variant)
 
 
 def run_trl_half(args, paths, run_dir: Path, missing: str | None) -> dict:
