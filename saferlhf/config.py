@@ -22,6 +22,8 @@ class BenchmarkConfig:
     seed: int = MISSING
     label_noise: float = MISSING
     benign_fraction: float = MISSING
+    # The one-dimensional annotator's harm penalty per severity tier 0-3 (see conf/data/benchmark)
+    single_harm_penalty: list[float] = MISSING
 
 
 @dataclass

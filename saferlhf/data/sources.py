@@ -191,7 +191,10 @@ def _benchmark_parts(data_cfg):
         split_rows = rows[split]
         if kind == schema.SINGLE:
             split_rows = benchmark.single_preference_rows(
-                split_rows, seed=b["seed"], label_noise=b["label_noise"]
+                split_rows,
+                seed=b["seed"],
+                label_noise=b["label_noise"],
+                harm_penalty=b["single_harm_penalty"],
             )
         elif kind == schema.QA:
             split_rows = qa_rows_from_preference(split_rows)

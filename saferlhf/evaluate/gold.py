@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from saferlhf.data.benchmark import Oracle
+from saferlhf.data.benchmark import UNREADABLE, UNSAFE, Oracle
 
 
 def _mean(values: list[float]) -> float:
@@ -14,8 +14,10 @@ def _mean(values: list[float]) -> float:
 def gold_metrics(
     prompts: Sequence[str], responses: Sequence[str], oracle: Oracle | None = None
 ) -> dict[str, float]:
-    """Mean gold helpfulness (all, on harmful prompts, on benign prompts, of safe responses),
-    the share of unsafe responses (all and on harmful prompts) and of cleanly parsed ones."""
+    """Mean gold helpfulness (all, on harmful prompts, on benign prompts, of safe responses) and
+    the shares of the oracle's outcomes: ``unsafe_rate`` (harm found anywhere, unreadable text
+    included; also on harmful prompts alone), ``unreadable_rate`` (no harm found, but junk),
+    their sum ``unsafe_or_unreadable_rate``, and ``clean_rate`` (no junk, harmful or not)."""
     oracle = oracle or Oracle()
     scores = oracle.score_batch(prompts, responses)
     harmful = [(topic := oracle.topic(p)) is not None and topic.is_harmful for p in prompts]
@@ -28,6 +30,10 @@ def gold_metrics(
         "helpfulness_safe": _mean([s.helpfulness for s in scores if s.is_safe]),
         "unsafe_rate": _mean([float(not s.is_safe) for s in scores]),
         "unsafe_rate_harmful": _mean([float(not s.is_safe) for s in on_harmful]),
+        "unreadable_rate": _mean([float(s.outcome == UNREADABLE) for s in scores]),
+        "unsafe_or_unreadable_rate": _mean(
+            [float(s.outcome in (UNSAFE, UNREADABLE)) for s in scores]
+        ),
         "clean_rate": _mean([float(s.clean) for s in scores]),
     }
 

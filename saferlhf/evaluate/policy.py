@@ -39,18 +39,22 @@ WIN, TIE, LOSS = 1, 0, -1
 
 
 def pairwise_outcomes(
-    a: Sequence[float], b: Sequence[float], higher_is_better: bool = True
+    a: Sequence[Any], b: Sequence[Any], higher_is_better: bool = True
 ) -> list[int]:
     """Per prompt, ``+1`` where policy a's score beats b's, ``-1`` where it loses, ``0`` on a tie.
 
     ``a``, ``b``: ``(num_prompts,)`` scores of the two policies' responses to the same prompts
-    (e.g. gold helpfulness, higher is better; gold severity or cost, lower is better).
+    (e.g. gold helpfulness, higher is better; gold severity or cost, lower is better). A score
+    may be a tuple, compared in order: ``(readable, helpfulness)`` makes an unreadable response
+    lose to any readable one. Scores that compare neither way (NaN) tie.
     """
     if len(a) != len(b):
         raise ValueError(f"got {len(a)} scores for a but {len(b)} for b")
-    sign = 1 if higher_is_better else -1
-    margins = [sign * (x - y) for x, y in zip(a, b, strict=True)]
-    return [WIN if m > 0 else LOSS if m < 0 else TIE for m in margins]
+
+    def beats(x: Any, y: Any) -> bool:
+        return x > y if higher_is_better else x < y
+
+    return [WIN if beats(x, y) else LOSS if beats(y, x) else TIE for x, y in zip(a, b, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,8 @@ TABLE_COLUMNS = (
     "safe_rate",
     "gold/helpfulness",
     "gold/unsafe_rate",
+    "gold/unreadable_rate",
+    "gold/unsafe_or_unreadable_rate",
     "gold/clean_rate",
     "flag_rate",
     "response_length",

@@ -2,7 +2,8 @@
 
 Prints row counts per split, the harm category × severity distribution of the responses and,
 where both label sets exist for the same pairs (the embedded benchmark), how often the single
-preference label agrees with ``better`` (helpfulness) and with ``safer`` (harmlessness).
+preference label agrees with ``better`` (helpfulness) and with ``safer`` (harmlessness), and how
+often, of the pairs with one safe and one unsafe response, it prefers the unsafe one.
 Writes ``data_report.json`` and ``data_report.png`` into the run dir.
 """
 
@@ -41,13 +42,18 @@ def harm_distribution(items: list[QAItem]) -> dict[str, Any]:
 
 
 def label_agreement(dual_rows: list[dict], single_rows: list[dict]) -> dict[str, float]:
-    """Share of pairs where the single label picks the same response as better / as safer."""
+    """Share of pairs where the single label picks the same response as better / as safer, and,
+    of the pairs with one safe and one unsafe response, the share where it prefers the unsafe
+    one (NaN when there are none)."""
     pairs = list(zip(dual_rows, single_rows, strict=True))
     agree_better = sum(d["better_response_id"] == s["better_response_id"] for d, s in pairs)
     agree_safer = sum(d["safer_response_id"] == s["better_response_id"] for d, s in pairs)
+    mixed = [(d, s) for d, s in pairs if d["is_response_0_safe"] != d["is_response_1_safe"]]
+    prefers_unsafe = sum(not d[f"is_response_{s['better_response_id']}_safe"] for d, s in mixed)
     return {
         "single_agrees_better": agree_better / len(pairs),
         "single_agrees_safer": agree_safer / len(pairs),
+        "single_prefers_unsafe": prefers_unsafe / len(mixed) if mixed else float("nan"),
     }
 
 
@@ -58,7 +64,10 @@ def _benchmark_agreement(data_cfg) -> dict[str, dict[str, float]]:
     )
     return {
         split: label_agreement(
-            rows, benchmark.single_preference_rows(rows, seed=b.seed, label_noise=b.label_noise)
+            rows,
+            benchmark.single_preference_rows(
+                rows, seed=b.seed, label_noise=b.label_noise, harm_penalty=b.single_harm_penalty
+            ),
         )
         for split, rows in dual.items()
     }
@@ -143,6 +152,7 @@ def _print_report(report: dict[str, Any], skipped: list[SkippedRow], skipped_fil
         "sev 1/2/3",
         "single=better",
         "single=safer",
+        "single prefers unsafe",
     ):
         table.add_column(column)
     for split, entry in report["splits"].items():
@@ -156,6 +166,7 @@ def _print_report(report: dict[str, Any], skipped: list[SkippedRow], skipped_fil
             "/".join(str(harm["severity"][level]) for level in (1, 2, 3)) if harm else "-",
             f"{agreement['single_agrees_better']:.3f}" if agreement else "-",
             f"{agreement['single_agrees_safer']:.3f}" if agreement else "-",
+            f"{agreement['single_prefers_unsafe']:.3f}" if agreement else "-",
         )
     console.print(table)
     harm = report["splits"]["train"].get("harm")
