@@ -118,6 +118,7 @@ class ScoreTaskConfig(SupervisedTaskConfig):
     """Reward (Bradley-Terry) and cost (Safe RLHF) model training."""
 
     reg: float = MISSING  # L2 weight on the scores
+    corrupted_pairs: float = MISSING  # reward: extra (response, corrupted copy) pairs, per pair
 
 
 @dataclass

@@ -11,7 +11,10 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from saferlhf.cli import run
-from saferlhf.data.module import PairCollator, list_loader
+from saferlhf.data import views
+from saferlhf.data.augment import corrupted_pairs
+from saferlhf.data.collate import tokenize_conversations
+from saferlhf.data.module import PairCollator, TokenizedPairs, list_loader
 from saferlhf.data.sources import load_data
 from saferlhf.evaluate.metrics import pairwise_accuracy
 from saferlhf.models import build_score_model
@@ -79,6 +82,36 @@ def test_reward_model_learns_on_held_out_pairs_and_loads_in_plain_transformers(r
     assert accuracy_after == pytest.approx(summary["metrics"]["val/accuracy"], abs=1e-6)
     assert summary["metrics"]["val/gold_spearman"] > 0.4
     assert trained.config.score_type == "reward"
+
+
+def test_corrupted_pairs_teach_the_reward_model_to_rank_junk_lower(
+    reward_run, compose_cfg, tmp_path
+):
+    """Held out: test responses against corrupted copies drawn with another seed."""
+    cfg, run_dir = reward_run
+    assert cfg.task.corrupted_pairs > 0
+    plain_cfg = compose_cfg("task=reward", *SMALL, "task.corrupted_pairs=0")
+    run(plain_cfg, tmp_path / "plain")
+    test_pairs = views.preference_pairs(load_data(cfg.data).splits["test"])
+    held_out = corrupted_pairs(test_pairs, 1.0, seed=12345)
+
+    def junk_accuracy(artifact: str) -> float:
+        tokenizer = AutoTokenizer.from_pretrained(artifact)
+        model = AutoModelForSequenceClassification.from_pretrained(artifact)
+        prompts = [p.prompt for p in held_out]
+        tokenized = TokenizedPairs(
+            first=tokenize_conversations(tokenizer, prompts, [p.chosen for p in held_out], 128),
+            second=tokenize_conversations(tokenizer, prompts, [p.rejected for p in held_out], 128),
+            first_sign=[0.0] * len(held_out),
+            second_sign=[0.0] * len(held_out),
+            first_gold=[0.0] * len(held_out),
+            second_gold=[0.0] * len(held_out),
+        )
+        return pairwise_accuracy(*_scores(model, tokenized, tokenizer.pad_token_id)).item()
+
+    augmented = junk_accuracy(read_summary(run_dir)["artifacts"]["reward"])
+    plain = junk_accuracy(read_summary(tmp_path / "plain")["artifacts"]["reward"])
+    assert augmented >= 0.8 and augmented - plain >= 0.1, (augmented, plain)
 
 
 def test_evaluate_score_reproduces_the_training_metrics(reward_run, compose_cfg, tmp_path):

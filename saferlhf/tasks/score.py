@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
 from saferlhf.data import views
+from saferlhf.data.augment import corrupted_pairs
 from saferlhf.data.collate import tokenize_conversations
 from saferlhf.data.module import ListDataModule, PairCollator, TokenizedPairs
 from saferlhf.data.sources import load_data
@@ -165,11 +166,16 @@ class ScoreModule(pl.LightningModule):
         )
 
 
-def tokenized_pairs(cfg: DictConfig, objective: str, rows, tokenizer) -> TokenizedPairs:
-    """Tokenize the view a stage learns from: preference pairs (reward) or safety pairs (cost)."""
+def tokenized_pairs(
+    cfg: DictConfig, objective: str, rows, tokenizer, corrupted_fraction: float = 0.0
+) -> TokenizedPairs:
+    """Tokenize the view a stage learns from: preference pairs (reward), plus pairs that rank a
+    response above a corrupted copy of itself (``corrupted_fraction`` of their number), or
+    safety pairs (cost)."""
     max_length = cfg.model.max_length
     if objective == "reward":
         pairs = views.preference_pairs(rows)
+        pairs += corrupted_pairs(pairs, corrupted_fraction, cfg.seed)
         firsts, seconds = [p.chosen for p in pairs], [p.rejected for p in pairs]
         first_sign = second_sign = [math.nan] * len(pairs)
     else:
@@ -202,14 +208,19 @@ def score_task(run: RunContext) -> TaskResult:
         raise ValueError(f"task={objective} cannot learn from data.kind={loaded.kind} rows")
     loaded.write_skipped(run.run_dir)
 
+    task = cfg.task
     model_cfg = model_config(cfg, "policy")  # Safe RLHF starts score models from the SFT policy
     tokenizer = tokenizer_for(model_cfg, loaded.splits["train"])
     model = build_score_model(model_cfg, tokenizer)
     model.config.score_type = objective  # travels in config.json; evaluate_score reads it
-    train = tokenized_pairs(cfg, objective, loaded.splits["train"], tokenizer)
-    val = tokenized_pairs(cfg, objective, loaded.splits["test"], tokenizer)
+    if objective == "cost" and task.corrupted_pairs > 0:
+        raise ValueError(
+            "task.corrupted_pairs is for reward models: a corrupted copy of an unsafe answer may "
+            "or may not still be unsafe, so it has no cost label"
+        )
+    train = tokenized_pairs(cfg, objective, loaded.splits["train"], tokenizer, task.corrupted_pairs)
+    val = tokenized_pairs(cfg, objective, loaded.splits["test"], tokenizer)  # as annotated
 
-    task = cfg.task
     module = ScoreModule(model, objective, task.lr, task.weight_decay, task.warmup_ratio, task.reg)
     data = ListDataModule(
         train, val, PairCollator(tokenizer.pad_token_id), task.batch_size, cfg.seed
