@@ -9,6 +9,7 @@ every YAML of the group shares it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -163,7 +164,6 @@ class PPOConfig:
     grad_clip: float = MISSING
     ptx_coef: float = MISSING  # weight of the SFT loss mixed into the actor loss; 0 turns it off
     ptx_batch_size: int = MISSING
-    shaping_lambda: float | None = None  # fixed-λ reward shaping r - λ·c instead of a Lagrangian
     length_bucketing: bool = MISSING  # minibatches of rows of similar length (less padding)
     compile_generation: bool | None = None  # torch.compile'd fixed-shape decoding; None: on CUDA
     gradient_checkpointing: bool = MISSING  # actor and critics recompute activations in backward
@@ -171,14 +171,35 @@ class PPOConfig:
     lora_alpha: float = MISSING
 
 
+class LagrangeName(StrEnum):
+    """The rule that sets λ (one class each in saferlhf.rl.lagrange)."""
+
+    safe_rlhf = "safe_rlhf"  # learned: SGD on log λ against the recent mean episode cost
+    fixed = "fixed"  # given, never moves
+
+
 @dataclass
 class LagrangeConfig:
+    """The Lagrange multiplier λ of PPO-Lagrangian; each option of the group is one rule."""
+
+    name: LagrangeName = MISSING
+    # d: the episode-cost threshold. Every rule has it so that experiments that set it compose
+    # with any rule; a fixed λ ignores it.
+    cost_limit: float = MISSING
+
+
+@dataclass
+class SafeRLHFLagrangeConfig(LagrangeConfig):
     lambda_init: float = MISSING
     lambda_lr: float = MISSING
     lambda_max: float = MISSING
-    cost_limit: float = MISSING  # d: the episode-cost threshold
     window: int = MISSING  # recent episodes whose mean cost drives λ
     update_delay: int = MISSING  # iterations before λ starts to move
+
+
+@dataclass
+class FixedLagrangeConfig(LagrangeConfig):
+    lambda_value: float = MISSING  # λ throughout; 0 is PPO on the reward alone, with both critics
 
 
 @dataclass
@@ -307,6 +328,7 @@ def register_configs() -> None:
     store.store(group="task", name="pipeline_schema", node=PipelineTaskConfig)
     store.store(group="task", name="generate_schema", node=GenerateTaskConfig)
     store.store(group="algo", name="schema", node=PPOConfig)
-    store.store(group="lagrange", name="schema", node=LagrangeConfig)
+    store.store(group="lagrange", name="safe_rlhf_schema", node=SafeRLHFLagrangeConfig)
+    store.store(group="lagrange", name="fixed_schema", node=FixedLagrangeConfig)
     store.store(group="task", name="evaluate_score_schema", node=EvaluateScoreTaskConfig)
     store.store(group="task", name="moderation_schema", node=ModerationTaskConfig)

@@ -24,6 +24,7 @@ class TaskResult:
 
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
+    variant: str | None = None  # which algorithm a task that has several ran, e.g. ppo's λ rule
 
 
 @dataclass
@@ -80,9 +81,12 @@ def close_logger(logger: Logger | None, status: str) -> None:
 
 
 def write_run_files(cfg: DictConfig, run_dir: Path, result: TaskResult) -> Path:
-    """Write the resolved config and ``summary.json`` (task, metrics, artifacts) into the run dir."""
+    """Write the resolved config and ``summary.json`` (task, metrics, artifacts, and the variant
+    when the task names one) into the run dir."""
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     summary = {"task": cfg.task.name, "metrics": result.metrics, "artifacts": result.artifacts}
+    if result.variant is not None:
+        summary["variant"] = result.variant
     path = run_dir / "summary.json"
     path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return path

@@ -16,7 +16,7 @@ GROUP_KEYS = {
     "logger": "name",
     "preference": "name",
     "algo": "iterations",
-    "lagrange": "lambda_init",
+    "lagrange": "name",
 }
 
 
@@ -53,6 +53,8 @@ def test_defaults_are_the_offline_cpu_setting(compose_cfg):
         ("data.nme=foo", "nme"),
         ("data.benchmark.num_train=many", "num_train"),
         ("trainer=tpu_pod", "tpu_pod"),
+        ("lagrange.name=learned", "lagrange.name"),
+        ("algo.shaping_lambda=1.0", "shaping_lambda"),
     ],
 )
 def test_typo_in_an_override_is_an_error(compose_cfg, override, words):
@@ -84,3 +86,14 @@ def test_every_experiment_composes_under_its_own_name(compose_cfg, experiment):
     cfg = compose_cfg(f"experiment={experiment}")
     assert cfg.experiment_name == experiment
     OmegaConf.to_container(cfg, resolve=False)
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_a_fixed_lambda_composes_with_every_experiment(compose_cfg, experiment):
+    cfg = compose_cfg(f"experiment={experiment}", "lagrange=fixed", "lagrange.lambda_value=0")
+    assert (cfg.lagrange.name, cfg.lagrange.lambda_value) == ("fixed", 0.0)
+
+
+def test_wandb_tags_name_the_task_the_preference_and_the_lambda_rule(compose_cfg):
+    cfg = compose_cfg("task=ppo", "lagrange=fixed")
+    assert OmegaConf.to_container(cfg.logger, resolve=True)["tags"] == ["ppo", "dual", "fixed"]

@@ -11,7 +11,7 @@ from saferlhf.cli import run
 from saferlhf.data.collate import tokenize_prompts
 from saferlhf.losses import entropy_from_logits, masked_mean
 from saferlhf.models import build_causal_lm, build_score_model, save_artifact
-from saferlhf.rl.lagrange import LagrangeMultiplier
+from saferlhf.rl.lagrange import FixedMultiplier, SafeRLHFMultiplier, multiplier_from_config
 from saferlhf.rl.rollout import (
     Rollout,
     minibatch_rows,
@@ -202,11 +202,20 @@ def test_minibatches_use_every_row_once_and_buckets_group_similar_lengths(bucket
         assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:], strict=False))
 
 
-def test_lagrange_multiplier_rises_above_the_limit_falls_below_and_stays_under_max():
-    lagrange = LagrangeMultiplier(
-        lambda_init=1.0, lambda_max=2.0, cost_limit=0.0, window=4, update_delay=1
+def _safe_rlhf_multiplier() -> SafeRLHFMultiplier:
+    return SafeRLHFMultiplier(
+        lambda_init=1.0,
+        lambda_lr=0.5,
+        lambda_max=2.0,
+        cost_limit=0.0,
+        window=4,
+        update_delay=1,
     )
-    optimizer = torch.optim.SGD(lagrange.parameters(), lr=0.5)
+
+
+def test_lagrange_multiplier_rises_above_the_limit_falls_below_and_stays_under_max():
+    lagrange = _safe_rlhf_multiplier()
+    optimizer = lagrange.make_optimizer()
     lagrange.step(optimizer, lagrange.record(torch.tensor([3.0, 3.0])))
     assert lagrange.value == pytest.approx(1.0)  # the first update is delayed
     values = []
@@ -224,11 +233,31 @@ def test_lagrange_multiplier_rises_above_the_limit_falls_below_and_stays_under_m
     lagrange.step(optimizer, lagrange.record(torch.tensor([-5.0, -5.0])))
     assert lagrange.value < before
     state = lagrange.state_dict()
-    restored = LagrangeMultiplier(1.0, 2.0, 0.0, 4, 1)
+    restored = _safe_rlhf_multiplier()
     restored.load_state_dict(state)
     assert list(restored.window) == list(lagrange.window) and restored.value == pytest.approx(
         lagrange.value
     )
+
+
+def test_fixed_multiplier_never_moves_and_has_nothing_to_train():
+    lagrange = FixedMultiplier(lambda_value=0.7)
+    assert lagrange.make_optimizer() is None and not list(lagrange.parameters())
+    for costs in ([3.0, 3.0], [-5.0, 1.0], [100.0, 100.0]):
+        episode_cost = lagrange.record(torch.tensor(costs))
+        assert episode_cost == pytest.approx(sum(costs) / 2)  # this iteration's mean, no window
+        lagrange.step(None, episode_cost)
+        assert lagrange.value == 0.7
+
+
+def test_the_lagrange_group_name_picks_the_multiplier(compose_cfg):
+    assert isinstance(multiplier_from_config(compose_cfg().lagrange), SafeRLHFMultiplier)
+    fixed = multiplier_from_config(
+        compose_cfg("lagrange=fixed", "lagrange.lambda_value=0").lagrange
+    )
+    assert isinstance(fixed, FixedMultiplier) and fixed.value == 0.0
+    with pytest.raises(ValueError, match="lagrange.lambda_value=-1"):
+        multiplier_from_config(compose_cfg("lagrange=fixed", "lagrange.lambda_value=-1").lagrange)
 
 
 @pytest.fixture(scope="module")
@@ -331,32 +360,47 @@ def test_single_preference_ppo_has_no_cost_and_no_lambda(
     )
     assert "rollout/reward" in metrics and "final/reward" in metrics
     assert not any("cost" in name or "lambda" in name for name in metrics)
-    assert set(read_summary(tmp_path)["artifacts"]) == {"policy", "history"}
+    summary = read_summary(tmp_path)
+    assert set(summary["artifacts"]) == {"policy", "history"} and summary["variant"] == "single"
 
 
-def test_lora_ppo_starts_at_its_reference_and_exports_a_merged_policy(
-    compose_cfg, untrained_artifacts, tmp_path
+def _history(run_dir) -> list[dict[str, float]]:
+    return json.loads((run_dir / "ppo_history.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "overrides, variant",
+    [((), "safe_rlhf"), (("lagrange=fixed", "lagrange.lambda_value=0.7"), "fixed")],
+)
+def test_the_lambda_rule_moves_or_holds_lambda_and_names_the_variant(
+    compose_cfg, untrained_artifacts, tmp_path, overrides, variant
 ):
+    # The cost stays far below the limit: a learned λ falls at every iteration.
     cfg = _ppo(
-        compose_cfg,
-        untrained_artifacts,
-        "preference=single",
-        "algo.iterations=3",
-        "algo.lora_rank=4",
-        "algo.actor_lr=1e-2",
+        compose_cfg, untrained_artifacts, "algo.iterations=3", "lagrange.cost_limit=100", *overrides
     )
-    run(cfg, tmp_path)
-    history = json.loads((tmp_path / "ppo_history.json").read_text())
-    # LoRA's B starts at zero: the actor is its own reference until the first update.
-    assert abs(history[0]["rollout/kl"]) < 1e-4 and abs(history[-1]["rollout/kl"]) > 1e-4
-    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "artifacts" / "policy")
-    initial = AutoModelForCausalLM.from_pretrained(untrained_artifacts / "policy")
-    trained_weights, initial_weights = trained.state_dict(), initial.state_dict()
-    assert trained_weights.keys() == initial_weights.keys()  # a plain model, adapters merged
-    changed = {
-        k for k in initial_weights if not torch.equal(trained_weights[k], initial_weights[k])
-    }
-    assert changed and all("proj" in k for k in changed)  # only the adapted linear layers
+    metrics = run(cfg, tmp_path)
+    lambdas = [h["lagrange/lambda"] for h in _history(tmp_path)]
+    if variant == "fixed":
+        assert lambdas == [0.7, 0.7, 0.7]
+    else:
+        assert lambdas[0] < cfg.lagrange.lambda_init and lambdas == sorted(lambdas, reverse=True)
+        assert len(set(lambdas)) == 3
+    assert metrics["train/cost_value_loss"] > 0  # the cost critic trains under either rule
+    summary = read_summary(tmp_path)
+    assert summary["task"] == "ppo" and summary["variant"] == variant
+    assert summary["metrics"]["lagrange/lambda"] == lambdas[-1] and "policy" in summary["artifacts"]
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["preference=single", "lagrange=fixed"], "lagrange=fixed"),
+    ],
+)
+def test_ppo_refuses_bad_settings_naming_the_key(compose_cfg, tmp_path, overrides, key):
+    with pytest.raises(ValueError, match=key.replace("[", r"\[")):
+        run(compose_cfg("task=ppo", "logger=none", *overrides), tmp_path)
 
 
 class CountActorGradForwards(Callback):

@@ -47,7 +47,7 @@ from saferlhf.losses import (
     value_clip_loss,
 )
 from saferlhf.models import load_tokenizer, save_artifact
-from saferlhf.rl.lagrange import LagrangeMultiplier
+from saferlhf.rl.lagrange import Multiplier, multiplier_from_config
 from saferlhf.rl.rollout import (
     Rollout,
     decode_responses,
@@ -79,10 +79,9 @@ class PPOModule(pl.LightningModule):
         reward_critic: PreTrainedModel,
         cost_model: PreTrainedModel | None,
         cost_critic: PreTrainedModel | None,
-        lagrange: LagrangeMultiplier | None,
+        lagrange: Multiplier | None,
         tokenizer,
         algo,
-        lambda_lr: float,
         eval_prompts: Sequence[str],
         eval_prompt_ids: Sequence[Sequence[int]],
         eval_seed: int,
@@ -100,7 +99,7 @@ class PPOModule(pl.LightningModule):
         self.cost_model = _frozen(cost_model) if cost_model is not None else None
         self.cost_critic = cost_critic.train() if cost_critic is not None else None
         self.lagrange = lagrange
-        self.tokenizer, self.algo, self.lambda_lr = tokenizer, algo, lambda_lr
+        self.tokenizer, self.algo = tokenizer, algo
         self.eval_prompts, self.eval_prompt_ids, self.eval_seed = (
             list(eval_prompts),
             list(eval_prompt_ids),
@@ -137,8 +136,9 @@ class PPOModule(pl.LightningModule):
         optimizers = [adamw(self.actor, a.actor_lr), adamw(self.reward_critic, a.critic_lr)]
         if self.cost_critic is not None:
             optimizers.append(adamw(self.cost_critic, a.critic_lr))
-        if self.lagrange is not None:
-            optimizers.append(torch.optim.SGD(self.lagrange.parameters(), lr=self.lambda_lr))
+        lambda_optimizer = self.lagrange.make_optimizer() if self.lagrange is not None else None
+        if lambda_optimizer is not None:
+            optimizers.append(lambda_optimizer)
         return optimizers
 
     def _optimizer_step(self, optimizer, loss: torch.Tensor) -> None:
@@ -156,7 +156,7 @@ class PPOModule(pl.LightningModule):
         optimizers = self.optimizers()
         actor_opt, reward_critic_opt = optimizers[0], optimizers[1]
         cost_critic_opt = optimizers[2] if self.cost_critic is not None else None
-        lambda_opt = optimizers[-1] if self.lagrange is not None else None
+        lambda_opt = optimizers[3] if len(optimizers) > 3 else None  # fixed λ: none
 
         # 1. rollout
         started = self._clock()
@@ -177,9 +177,8 @@ class PPOModule(pl.LightningModule):
         # 3. advantages: KL-shaped per-token reward (and cost), GAE for each
         mask = rollout.response_mask
         kl = kl_penalty(old_logprobs, scores["ref_logprobs"]) * mask
-        score = reward if a.shaping_lambda is None else reward - a.shaping_lambda * cost
         reward_advantages, reward_returns = gae(
-            shaped_rewards(score, kl, mask, a.kl_coef),
+            shaped_rewards(reward, kl, mask, a.kl_coef),
             old_reward_values,
             mask,
             a.gamma,
@@ -200,14 +199,14 @@ class PPOModule(pl.LightningModule):
                 a.gae_lambda,
             )
             advantages = combined_advantages(
-                reward_advantages, cost_advantages, self.lagrange.log_lambda.exp()
+                reward_advantages, cost_advantages, self.lagrange.value
             )
             metrics |= {
                 "rollout/episode_cost": episode_cost,
                 "lagrange/lambda": self.lagrange.value,
             }
             if self.trainer.world_size > 1:  # λ must be identical on every rank
-                lambdas = self.all_gather(self.lagrange.log_lambda.detach().exp())
+                lambdas = self.all_gather(torch.tensor(self.lagrange.value, device=self.device))
                 metrics["lagrange/lambda_rank_spread"] = (lambdas.max() - lambdas.min()).item()
 
         # 5. PPO epochs over minibatches, each trimmed to its own longest prompt and response
@@ -246,7 +245,7 @@ class PPOModule(pl.LightningModule):
                     "train/approx_kl": clip.approx_kl.item(),
                     "train/reward_value_loss": reward_value.loss.item(),
                 }
-                if self.cost_critic is not None and self.constrained:
+                if self.constrained:
                     cost_value = value_clip_loss(
                         token_values(self.cost_critic, mb),
                         old_cost_values[cells],
@@ -472,12 +471,22 @@ def _load_score_model(path: str, name: str, tokenizer) -> PreTrainedModel:
     return model
 
 
+def check_ppo_config(cfg) -> None:
+    """Fail before anything loads, naming the key, on settings that cannot work together."""
+    if cfg.lagrange.name == "fixed" and not cfg.preference.use_cost:
+        raise ValueError("lagrange=fixed needs a cost model: use preference=dual")
+
+
+def ppo_variant(cfg) -> str:
+    """The run's ``variant`` in ``summary.json``: the λ rule under preference=dual (``safe_rlhf``,
+    ``fixed``), else the preference (``single``)."""
+    return str(cfg.lagrange.name) if cfg.preference.use_cost else str(cfg.preference.name)
+
+
 def ppo_task(run: RunContext) -> TaskResult:
     cfg, algo = run.cfg, run.cfg.algo
+    check_ppo_config(cfg)
     uses_cost = cfg.preference.use_cost
-    constrained = uses_cost and algo.shaping_lambda is None
-    if algo.shaping_lambda is not None and not uses_cost:
-        raise ValueError("algo.shaping_lambda needs a cost model: use preference=dual")
     policy_dir = required_artifact(cfg, "policy")
     reward_dir = required_artifact(cfg, "reward")
     cost_dir = required_artifact(cfg, "cost") if uses_cost else None
@@ -493,18 +502,13 @@ def ppo_task(run: RunContext) -> TaskResult:
     reward_critic = AutoModelForSequenceClassification.from_pretrained(reward_dir)
     cost_model = _load_score_model(cost_dir, "cost", tokenizer) if uses_cost else None
     cost_critic = (
-        AutoModelForSequenceClassification.from_pretrained(cost_dir) if constrained else None
+        AutoModelForSequenceClassification.from_pretrained(cost_dir) if uses_cost else None
     )
     if algo.gradient_checkpointing:
         for model in (actor, reward_critic, cost_critic):
             if model is not None:
                 model.activation_checkpointing_enable()
-    lagrange = None
-    if constrained:
-        lc = cfg.lagrange
-        lagrange = LagrangeMultiplier(
-            lc.lambda_init, lc.lambda_max, lc.cost_limit, lc.window, lc.update_delay
-        )
+    lagrange = multiplier_from_config(cfg.lagrange) if uses_cost else None
 
     loaded = load_data(cfg.data)
     loaded.write_skipped(run.run_dir)
@@ -529,7 +533,6 @@ def ppo_task(run: RunContext) -> TaskResult:
         lagrange,
         tokenizer,
         algo,
-        lambda_lr=cfg.lagrange.lambda_lr,
         eval_prompts=eval_prompts,
         eval_prompt_ids=tokenize_prompts(tokenizer, eval_prompts, max_prompt),
         eval_seed=cfg.task.eval_seed,
@@ -568,5 +571,7 @@ def ppo_task(run: RunContext) -> TaskResult:
         save_artifact(policy, tokenizer, artifact)  # a plain causal LM either way
         (run.run_dir / "ppo_history.json").write_text(json.dumps(module.history, indent=1) + "\n")
     return TaskResult(
-        metrics, {"policy": str(artifact), "history": str(run.run_dir / "ppo_history.json")}
+        metrics,
+        {"policy": str(artifact), "history": str(run.run_dir / "ppo_history.json")},
+        variant=ppo_variant(cfg),
     )
