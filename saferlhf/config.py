@@ -144,6 +144,25 @@ class SamplingConfig:
     top_p: float = MISSING
 
 
+class LossAggregation(StrEnum):
+    """How a PPO loss averages its per-token terms (saferlhf.losses.masked_aggregate)."""
+
+    token_mean = "token_mean"  # over every response token of the minibatch
+    sequence_mean = "sequence_mean"  # over each response's tokens, then over the responses
+
+
+class PtxMode(StrEnum):
+    """How the ptx (SFT) loss reaches the actor."""
+
+    joint = "joint"  # added to the PPO loss: one actor step on both
+    separate = "separate"  # a second actor step on the SFT loss alone, after the PPO step
+
+
+class LRSchedule(StrEnum):
+    constant = "constant"  # the learning rate throughout, no warm-up
+    cosine = "cosine"  # linear warm-up over warmup_ratio of the steps, then cosine decay to 0
+
+
 @dataclass
 class PPOConfig:
     """PPO / PPO-Lagrangian hyperparameters (Safe RLHF, arXiv 2310.12773, section 3.3)."""
@@ -158,11 +177,19 @@ class PPOConfig:
     gae_lambda: float = MISSING
     clip_range: float = MISSING
     value_clip_range: float = MISSING
+    loss_aggregation: LossAggregation = MISSING  # of the actor and critic losses
+    score_clip: float | None = MISSING  # clamp reward and cost scores to ±this; None: off
+    missing_eos_penalty: float | None = MISSING  # taken off the reward of unended responses
     actor_lr: float = MISSING
     critic_lr: float = MISSING
+    actor_lr_schedule: LRSchedule = MISSING
+    critic_lr_schedule: LRSchedule = MISSING
+    warmup_ratio: float = MISSING  # share of each network's optimizer steps (cosine only)
+    adam_betas: list[float] = MISSING  # AdamW's (β1, β2)
     weight_decay: float = MISSING
     grad_clip: float = MISSING
-    ptx_coef: float = MISSING  # weight of the SFT loss mixed into the actor loss; 0 turns it off
+    ptx_coef: float = MISSING  # weight of the SFT loss on the actor; 0 turns it off
+    ptx_mode: PtxMode = MISSING
     ptx_batch_size: int = MISSING
     length_bucketing: bool = MISSING  # minibatches of rows of similar length (less padding)
     compile_generation: bool | None = None  # torch.compile'd fixed-shape decoding; None: on CUDA
@@ -176,6 +203,11 @@ class LagrangeName(StrEnum):
 
     safe_rlhf = "safe_rlhf"  # learned: SGD on log λ against the recent mean episode cost
     fixed = "fixed"  # given, never moves
+
+
+class LambdaUpdatePer(StrEnum):
+    iteration = "iteration"  # one λ step per PPO iteration
+    minibatch = "minibatch"  # one λ step before every update minibatch (as Safe RLHF)
 
 
 @dataclass
@@ -194,7 +226,8 @@ class SafeRLHFLagrangeConfig(LagrangeConfig):
     lambda_lr: float = MISSING
     lambda_max: float = MISSING
     window: int = MISSING  # recent episodes whose mean cost drives λ
-    update_delay: int = MISSING  # iterations before λ starts to move
+    update_delay: int = MISSING  # λ steps skipped at the start
+    update_per: LambdaUpdatePer = MISSING
 
 
 @dataclass

@@ -47,6 +47,33 @@ def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return total / count
 
 
+LOSS_AGGREGATIONS = ("token_mean", "sequence_mean")
+
+
+def masked_aggregate(values: Tensor, mask: Tensor, aggregation: str) -> Tensor:
+    """One number from per-token loss terms, the way ``aggregation`` weighs them.
+
+    - ``token_mean``: ``Σ_{b,t} m_bt x_bt / Σ_{b,t} m_bt``, every valid token alike, so a long
+      response weighs in proportion to its length (TRL);
+    - ``sequence_mean``: ``mean_b (Σ_t m_bt x_bt / Σ_t m_bt)`` over the rows with a valid
+      token, every response alike however long (Safe RLHF's ``masked_mean``).
+
+    Args:
+        values: ``(B, T)`` per-token terms.
+        mask: ``(B, T)``, 1/True on valid positions.
+        aggregation: ``token_mean`` or ``sequence_mean``.
+
+    Returns:
+        A 0-dim tensor; 0 when no position is valid.
+    """
+    if aggregation == "token_mean":
+        return masked_mean(values, mask)
+    if aggregation == "sequence_mean":
+        mask = mask.bool()
+        return masked_mean(masked_mean(values, mask, dim=-1), mask.any(dim=-1))
+    raise ValueError(f"aggregation={aggregation!r}: expected one of {LOSS_AGGREGATIONS}")
+
+
 def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     """Variance of ``values`` over all valid positions (as TRL's ``masked_var``).
 
@@ -289,6 +316,43 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     return logprobs - ref_logprobs
 
 
+def clip_scores(scores: Tensor, limit: float | None) -> Tensor:
+    """Reward or cost scores clamped to ``[-limit, limit]`` before shaping (Safe RLHF's
+    ``clip_range_score``, 50 there); ``limit=None`` returns ``scores`` itself.
+
+    Safe RLHF documents the option as a clamp of the score model's output; its code clamps the
+    KL-shaped per-token rewards and costs instead, which differs only where ``β·KL_t`` is a
+    sizeable part of the limit.
+
+    Args:
+        scores: ``(B,)`` scores.
+        limit: > 0, or None.
+
+    Returns:
+        ``(B,)`` scores.
+    """
+    if limit is None:
+        return scores
+    return scores.clamp(-limit, limit)
+
+
+def penalise_missing_eos(scores: Tensor, ended: Tensor, penalty: float | None) -> Tensor:
+    """``r - p·[no EOS]``: the score less ``penalty`` for responses that ran out of tokens
+    without ending (TRL's ``missing_eos_penalty``); ``penalty=None`` returns ``scores`` itself.
+
+    Args:
+        scores: ``(B,)`` reward scores.
+        ended: ``(B,)`` bool, True where the response holds an EOS.
+        penalty: p, or None.
+
+    Returns:
+        ``(B,)`` scores.
+    """
+    if penalty is None:
+        return scores
+    return scores - penalty * (~ended.bool()).to(scores.dtype)
+
+
 def _add_score_at_last_token(per_token: Tensor, score: Tensor, mask: Tensor) -> Tensor:
     """``per_token`` zeroed on padding, plus ``score[b]`` at the last valid token of row b."""
     mask = mask.bool()
@@ -393,11 +457,13 @@ def ppo_clip_loss(
     advantages: Tensor,
     mask: Tensor,
     clip_range: float,
+    *,
+    aggregation: str,
 ) -> PPOClipOutput:
     """PPO clipped surrogate objective (Schulman et al. 2017, eq. 7), as a loss to minimise.
 
     ``ratio = exp(log π(a_t) - log π_old(a_t))``,
-    ``L = masked_mean(max(-A ratio, -A clip(ratio, 1 - ε, 1 + ε)))``.
+    ``L = masked_aggregate(max(-A ratio, -A clip(ratio, 1 - ε, 1 + ε)))``.
 
     Args:
         logprobs: ``(B, T)`` log-probs of the sampled tokens under the current policy.
@@ -405,11 +471,13 @@ def ppo_clip_loss(
         advantages: ``(B, T)`` advantages, e.g. :func:`combined_advantages`.
         mask: ``(B, T)`` response mask.
         clip_range: ε.
+        aggregation: how the per-token terms are averaged (:func:`masked_aggregate`).
 
     Returns:
         ``PPOClipOutput(loss, clip_fraction, approx_kl)``. ``clip_fraction`` counts the valid
         tokens where the clipped term is strictly the larger, i.e. has zero gradient;
         ``approx_kl`` is the k3 estimate of ``KL(π_old || π)`` (Schulman's blog, as CleanRL).
+        Both statistics are means over the valid tokens whatever ``aggregation`` is.
     """
     mask = mask.bool()
     # Zero the log-ratio on padding before exp: a huge value there would give inf * 0 = NaN
@@ -419,7 +487,7 @@ def ppo_clip_loss(
     advantages = advantages.detach()
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = masked_aggregate(torch.maximum(unclipped, clipped), mask, aggregation)
     with torch.no_grad():
         clip_fraction = masked_mean((clipped > unclipped).to(ratio.dtype), mask)
         approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
@@ -437,11 +505,13 @@ def value_clip_loss(
     returns: Tensor,
     mask: Tensor,
     clip_range: float,
+    *,
+    aggregation: str,
 ) -> ValueClipOutput:
     """Clipped value loss (PPO as in OpenAI baselines and Safe RLHF, clip 5.0 there).
 
     ``v_clipped = V_old + clip(V - V_old, -c, c)``,
-    ``L = 0.5 · masked_mean(max((V - G)², (v_clipped - G)²))`` with ``G`` the returns.
+    ``L = 0.5 · masked_aggregate(max((V - G)², (v_clipped - G)²))`` with ``G`` the returns.
 
     Args:
         values: ``(B, T)`` current critic values.
@@ -449,17 +519,18 @@ def value_clip_loss(
         returns: ``(B, T)`` targets ``G``, from :func:`gae` (no gradient).
         mask: ``(B, T)`` response mask.
         clip_range: c.
+        aggregation: how the per-token terms are averaged (:func:`masked_aggregate`).
 
     Returns:
         ``ValueClipOutput(loss, clip_fraction)``, ``clip_fraction`` being the share of valid
-        tokens where the clipped error is strictly the larger.
+        tokens where the clipped error is strictly the larger (a token mean).
     """
     old_values = old_values.detach()
     returns = returns.detach()
     values_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     unclipped = (values - returns) ** 2
     clipped = (values_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = 0.5 * masked_aggregate(torch.maximum(unclipped, clipped), mask, aggregation)
     with torch.no_grad():
         clip_fraction = masked_mean((clipped > unclipped).to(values.dtype), mask)
     return ValueClipOutput(loss=loss, clip_fraction=clip_fraction)

@@ -54,6 +54,10 @@ def test_defaults_are_the_offline_cpu_setting(compose_cfg):
         ("data.benchmark.num_train=many", "num_train"),
         ("trainer=tpu_pod", "tpu_pod"),
         ("lagrange.name=learned", "lagrange.name"),
+        ("lagrange.update_per=epoch", "lagrange.update_per"),
+        ("algo.loss_aggregation=sum", "algo.loss_aggregation"),
+        ("algo.ptx_mode=before", "algo.ptx_mode"),
+        ("algo.actor_lr_schedule=linear", "algo.actor_lr_schedule"),
         ("algo.shaping_lambda=1.0", "shaping_lambda"),
     ],
 )

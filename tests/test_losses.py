@@ -13,6 +13,7 @@ from saferlhf import losses
 from saferlhf.losses import (
     bradley_terry_loss,
     clamp_log_lambda_,
+    clip_scores,
     combined_advantages,
     cost_loss,
     dpo_loss,
@@ -20,9 +21,11 @@ from saferlhf.losses import (
     gae,
     kl_penalty,
     lagrange_loss,
+    masked_aggregate,
     masked_mean,
     masked_var,
     masked_whiten,
+    penalise_missing_eos,
     ppo_clip_loss,
     selective_log_softmax,
     sequence_log_probs,
@@ -88,6 +91,32 @@ def test_masked_whiten():
     assert kept[0, :3].tolist() == pytest.approx([3 - 2 / std, 3 - 1 / std, 3.0], abs=1e-6)
     assert masked_mean(kept, mask).item() == pytest.approx(3.0)
     assert kept[:, 3].tolist() == [0.0, 0.0]
+
+
+# Rows of 3, 1 and 0 valid tokens; padding holds values that must not count.
+RAGGED_VALUES = [[1.0, 2.0, 3.0, 99.0], [10.0, 99.0, 99.0, 99.0], [99.0, 99.0, 99.0, 99.0]]
+RAGGED_MASK = [[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_masked_aggregate_token_mean_weighs_tokens_sequence_mean_weighs_responses():
+    values = t(RAGGED_VALUES, requires_grad=True)
+    mask = torch.tensor(RAGGED_MASK)
+    token_mean = masked_aggregate(values, mask, "token_mean")
+    assert token_mean.item() == pytest.approx((1.0 + 2.0 + 3.0 + 10.0) / 4)
+    # per-response means 2 and 10; the empty row is no response and does not count
+    sequence_mean = masked_aggregate(values, mask, "sequence_mean")
+    assert sequence_mean.item() == pytest.approx((2.0 + 10.0) / 2)
+    # gradient weights: 1/N per token, against 1/(responses · length) per token
+    (grad,) = torch.autograd.grad(token_mean, values)
+    assert grad.tolist() == [[0.25] * 3 + [0.0], [0.25, 0.0, 0.0, 0.0], [0.0] * 4]
+    (grad,) = torch.autograd.grad(sequence_mean, values)
+    third = 1 / 6
+    assert grad.tolist()[0] == pytest.approx([third, third, third, 0.0])
+    assert grad.tolist()[1:] == [[0.5, 0.0, 0.0, 0.0], [0.0] * 4]
+    empty = torch.zeros_like(mask)
+    assert masked_aggregate(values, empty, "sequence_mean").item() == 0.0
+    with pytest.raises(ValueError, match="aggregation='sum'"):
+        masked_aggregate(values, mask, "sum")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +378,9 @@ def test_ppo_clip_loss_branches_and_clip_fraction():
     logprobs[:, 3] = 100.0  # padding: exp would overflow if it were not masked first
     logprobs.requires_grad_(True)
     old_logprobs = torch.zeros(2, 4, dtype=torch.float64)
-    out = ppo_clip_loss(logprobs, old_logprobs, advantages, mask, clip_range=eps)
+    out = ppo_clip_loss(
+        logprobs, old_logprobs, advantages, mask, clip_range=eps, aggregation="token_mean"
+    )
     assert out.loss.item() == pytest.approx((-1.1 - 1.2 - 0.5 + 0.8 + 1.5 + 0.9) / 6)
     assert out.clip_fraction.item() == pytest.approx(2 / 6)
     kl = [(r - 1) - math.log(r) for r in [1.1, 1.5, 0.5, 0.5, 1.5, 0.9]]
@@ -367,12 +398,24 @@ def test_ppo_clip_loss_on_policy_is_minus_mean_advantage():
     logprobs = torch.randn(3, 5, dtype=torch.float64)
     advantages = torch.randn(3, 5, dtype=torch.float64)
     mask = torch.tensor([[1] * 5, [1] * 2 + [0] * 3, [1] * 4 + [0]])
-    out = ppo_clip_loss(logprobs, logprobs.clone(), advantages, mask, clip_range=0.2)
+    out = ppo_clip_loss(
+        logprobs, logprobs.clone(), advantages, mask, clip_range=0.2, aggregation="token_mean"
+    )
     pairs = zip(advantages.flatten().tolist(), mask.flatten().tolist(), strict=True)
     valid = [a for a, m in pairs if m]
     assert out.loss.item() == pytest.approx(-sum(valid) / len(valid))
     assert out.clip_fraction.item() == 0.0
     assert out.approx_kl.item() == pytest.approx(0.0)
+    # per response: the mean of its own tokens, then the mean over responses
+    by_sequence = ppo_clip_loss(
+        logprobs, logprobs.clone(), advantages, mask, clip_range=0.2, aggregation="sequence_mean"
+    )
+    row_means = [
+        sum(a for a, m in zip(row, row_mask, strict=True) if m) / sum(row_mask)
+        for row, row_mask in zip(advantages.tolist(), mask.tolist(), strict=True)
+    ]
+    assert by_sequence.loss.item() == pytest.approx(-sum(row_means) / 3)
+    assert by_sequence.loss.item() != pytest.approx(out.loss.item())
 
 
 def test_value_clip_loss_both_branches():
@@ -383,7 +426,9 @@ def test_value_clip_loss_both_branches():
     old_values = t([[0.0, 0.0, 0.0, 0.0]])
     returns = t([[0.0, 2.0, 1.0, -9.0]])
     mask = torch.tensor([[1, 1, 1, 0]])
-    out = value_clip_loss(values, old_values, returns, mask, clip_range=0.5)
+    out = value_clip_loss(
+        values, old_values, returns, mask, clip_range=0.5, aggregation="token_mean"
+    )
     assert out.loss.item() == pytest.approx(0.5 * (1.0 + 2.25 + 0.64) / 3)
     assert out.clip_fraction.item() == pytest.approx(1 / 3)
     out.loss.backward()
@@ -392,12 +437,40 @@ def test_value_clip_loss_both_branches():
     assert values.grad.tolist()[0] == pytest.approx(expected)
 
 
+def test_value_clip_loss_sequence_mean_on_ragged_rows():
+    # row 0: errors 1.0 and 0.25 (V - G = 1, 0.5); row 1: error 4.0 (V - G = -2), inside the clip
+    values = t([[1.0, 0.5, 7.0], [-2.0, 7.0, 7.0]])
+    returns = t([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    loss = {
+        aggregation: value_clip_loss(
+            values, values.clone(), returns, mask, clip_range=5.0, aggregation=aggregation
+        ).loss.item()
+        for aggregation in ("token_mean", "sequence_mean")
+    }
+    assert loss["token_mean"] == pytest.approx(0.5 * (1.0 + 0.25 + 4.0) / 3)
+    assert loss["sequence_mean"] == pytest.approx(0.5 * ((1.0 + 0.25) / 2 + 4.0) / 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reward shaping and PPO-Lagrangian
 # ---------------------------------------------------------------------------------------------
 
 KL = [[0.5, -0.2, 1.0, 9.0], [2.0, 9.0, 9.0, 9.0], [0.1, 0.3, 0.2, 0.4], [9.0, 9.0, 9.0, 9.0]]
 SHAPE_MASK = [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]]
+
+
+def test_clip_scores_clamps_to_the_limit_and_none_is_off():
+    scores = t([-60.0, -3.0, 49.9, 70.0])
+    assert clip_scores(scores, 50.0).tolist() == [-50.0, -3.0, 49.9, 50.0]
+    assert clip_scores(scores, None) is scores
+
+
+def test_penalise_missing_eos_lowers_only_the_responses_that_did_not_end():
+    scores = t([1.0, 2.0, 3.0])
+    ended = torch.tensor([True, False, True])
+    assert penalise_missing_eos(scores, ended, 0.5).tolist() == [1.0, 1.5, 3.0]
+    assert penalise_missing_eos(scores, ended, None) is scores
 
 
 def test_shaped_rewards_score_at_last_valid_token():

@@ -1,6 +1,7 @@
 """Rollout layout, the Lagrange multiplier, and PPO / PPO-Lagrangian runs on tiny models."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -25,7 +26,8 @@ from saferlhf.rl.rollout import (
     token_values,
 )
 from saferlhf.run import read_summary
-from saferlhf.tasks.ppo import decodes_compiled
+from saferlhf.tasks.common import cosine_with_warmup
+from saferlhf.tasks.ppo import decodes_compiled, ended_responses, lr_multiplier
 from tests.tiny import Interrupt, InterruptAt, benchmark_tokenizer, micro_model_cfg
 
 
@@ -210,6 +212,7 @@ def _safe_rlhf_multiplier() -> SafeRLHFMultiplier:
         cost_limit=0.0,
         window=4,
         update_delay=1,
+        update_per="iteration",
     )
 
 
@@ -260,6 +263,24 @@ def test_the_lagrange_group_name_picks_the_multiplier(compose_cfg):
         multiplier_from_config(compose_cfg("lagrange=fixed", "lagrange.lambda_value=-1").lagrange)
 
 
+def test_lr_multiplier_constant_and_cosine_with_warmup():
+    constant = lr_multiplier("constant", total_steps=100, warmup_ratio=0.1)
+    assert [constant(step) for step in (0, 50, 100)] == [1.0, 1.0, 1.0]
+    cosine = lr_multiplier("cosine", total_steps=100, warmup_ratio=0.1)  # 10 warm-up steps
+    assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0)
+    assert cosine(10) == pytest.approx(1.0) and cosine(55) == pytest.approx(0.5)
+    assert cosine(100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ended_responses_are_those_holding_eos():
+    eos, pad = 2, 0
+    responses = torch.tensor([[5, 2, pad], [5, 6, 7], [2, pad, pad]])
+    assert ended_responses(responses, eos).tolist() == [True, False, True]
+    # with the pad token as EOS (as many tokenizers have), padding still only follows an EOS
+    responses = torch.tensor([[5, 2, 2], [5, 6, 7]])
+    assert ended_responses(responses, eos).tolist() == [True, False]
+
+
 @pytest.fixture(scope="module")
 def untrained_artifacts(tmp_path_factory, tokenizer, tiny_models):
     """SFT, reward and cost folders as the earlier stages would write them: random weights,
@@ -294,8 +315,15 @@ def _ppo(compose_cfg, artifacts, *overrides):
     )
 
 
-def test_ppo_lagrangian_resumes_exactly_from_last(compose_cfg, untrained_artifacts, tmp_path):
-    overrides = ("algo.iterations=6", "task.checkpoint_every=2")
+@pytest.mark.parametrize(
+    "settings",
+    [(), ("algo=safe_rlhf", "lagrange.update_per=minibatch")],  # + lr schedules, ptx, λ per step
+    ids=["ppo", "safe_rlhf"],
+)
+def test_ppo_lagrangian_resumes_exactly_from_last(
+    compose_cfg, untrained_artifacts, tmp_path, settings
+):
+    overrides = ("algo.iterations=6", "task.checkpoint_every=2", *settings)
     whole = run(_ppo(compose_cfg, untrained_artifacts, *overrides), tmp_path / "whole")
     with pytest.raises(Interrupt):
         run(
@@ -396,11 +424,194 @@ def test_the_lambda_rule_moves_or_holds_lambda_and_names_the_variant(
     "overrides, key",
     [
         (["preference=single", "lagrange=fixed"], "lagrange=fixed"),
+        (["algo.adam_betas=[0.9]"], "algo.adam_betas"),
+        (["algo.warmup_ratio=1.5"], "algo.warmup_ratio"),
+        (["algo.score_clip=0"], "algo.score_clip"),
+        (["algo.missing_eos_penalty=-1"], "algo.missing_eos_penalty"),
     ],
 )
 def test_ppo_refuses_bad_settings_naming_the_key(compose_cfg, tmp_path, overrides, key):
     with pytest.raises(ValueError, match=key.replace("[", r"\[")):
         run(compose_cfg("task=ppo", "logger=none", *overrides), tmp_path)
+
+
+class StepsPerIteration(Callback):
+    """Counts the steps of the optimizer that ``pick(trainer)`` returns in each PPO iteration,
+    and records for every step whether it changed that optimizer's parameters."""
+
+    def __init__(self, pick):
+        self.pick, self.counts, self.changed, self._steps = pick, [], [], 0
+
+    def on_train_start(self, trainer, pl_module):
+        optimizer = self.pick(trainer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+
+        def before(*_):
+            self._before = [p.detach().clone() for p in params]
+
+        def after(*_):
+            self._steps += 1
+            self.changed.append(
+                any(not torch.equal(old, p) for old, p in zip(self._before, params, strict=True))
+            )
+
+        optimizer.register_step_pre_hook(before)
+        optimizer.register_step_post_hook(after)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.counts.append(self._steps)
+        self._steps = 0
+
+
+def _updates_per_iteration(cfg) -> int:
+    return cfg.algo.ppo_epochs * math.ceil(cfg.algo.rollout_batch_size / cfg.algo.minibatch_size)
+
+
+@pytest.mark.parametrize("update_per", ["iteration", "minibatch"])
+def test_lambda_steps_once_per_iteration_or_before_every_minibatch(
+    compose_cfg, untrained_artifacts, tmp_path, update_per
+):
+    cfg = _ppo(
+        compose_cfg,
+        untrained_artifacts,
+        "algo.iterations=2",
+        "lagrange.cost_limit=100",
+        f"lagrange.update_per={update_per}",
+    )
+    counter = StepsPerIteration(
+        lambda trainer: next(o for o in trainer.optimizers if isinstance(o, torch.optim.SGD))
+    )
+    run(cfg, tmp_path, callbacks=[counter])
+    steps = 1 if update_per == "iteration" else _updates_per_iteration(cfg)
+    assert _updates_per_iteration(cfg) == 4 and counter.counts == [steps, steps]
+    assert all(counter.changed)
+
+
+def test_separate_ptx_takes_a_second_actor_step_that_moves_the_weights(
+    compose_cfg, untrained_artifacts, tmp_path
+):
+    counts, policies = {}, {}
+    for mode in ("joint", "separate"):
+        cfg = _ppo(
+            compose_cfg,
+            untrained_artifacts,
+            "algo.iterations=2",
+            "algo.ptx_coef=0.5",
+            f"algo.ptx_mode={mode}",
+        )
+        counter = StepsPerIteration(lambda trainer: trainer.optimizers[0])  # the actor's
+        metrics = run(cfg, tmp_path / mode, callbacks=[counter])
+        assert all(counter.changed) and metrics["train/ptx_loss"] > 0
+        counts[mode] = counter.counts
+        policies[mode] = AutoModelForCausalLM.from_pretrained(
+            tmp_path / mode / "artifacts" / "policy"
+        )
+    updates = _updates_per_iteration(cfg)
+    assert counts == {"joint": [updates, updates], "separate": [2 * updates, 2 * updates]}
+    assert not all(
+        torch.equal(a, b)
+        for a, b in zip(
+            policies["joint"].parameters(), policies["separate"].parameters(), strict=True
+        )
+    )
+
+
+class LearningRates(Callback):
+    """Each optimizer's learning rate, beta and weight decay after every PPO iteration."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.lrs.append([o.param_groups[0]["lr"] for o in trainer.optimizers])
+        self.hyper = [
+            (o.param_groups[0].get("betas"), o.param_groups[0]["weight_decay"])
+            for o in trainer.optimizers
+        ]
+
+
+def test_the_safe_rlhf_preset_runs_with_its_optimiser_settings(
+    compose_cfg, untrained_artifacts, tmp_path
+):
+    cfg = _ppo(
+        compose_cfg,
+        untrained_artifacts,
+        "algo=safe_rlhf",
+        "lagrange.update_per=minibatch",
+        "algo.iterations=2",
+    )
+    assert (cfg.algo.loss_aggregation, cfg.algo.score_clip, cfg.algo.ptx_coef) == (
+        "sequence_mean",
+        50.0,
+        16.0,
+    )
+    recorder = LearningRates()
+    metrics = run(cfg, tmp_path, callbacks=[recorder])
+    assert metrics["train/ptx_loss"] > 0 and read_summary(tmp_path)["variant"] == "safe_rlhf"
+    # actor: cosine over its 8 steps (no warm-up step in 3% of 8); critics: constant; then λ
+    steps = _updates_per_iteration(cfg)
+    cosine = [1e-5 * cosine_with_warmup(k * steps, 0, 2 * steps) for k in (1, 2)]
+    assert [lrs[0] for lrs in recorder.lrs] == pytest.approx(cosine) and cosine[0] == pytest.approx(
+        0.5e-5
+    )
+    assert [lrs[1:3] for lrs in recorder.lrs] == [[5e-6, 5e-6]] * 2
+    assert recorder.hyper[:3] == [((0.9, 0.95), 0.01)] * 3
+
+
+class EosBias(Callback):
+    """Makes EOS about one token in ten, so that within the budget some responses end and
+    others run out."""
+
+    def on_train_start(self, trainer, pl_module):
+        bias = torch.zeros(pl_module.actor.config.vocab_size)
+        bias[pl_module.tokenizer.eos_token_id] = 4.7
+        pl_module.actor.lm_head.register_forward_hook(lambda module, inputs, out: out + bias)
+
+
+def test_missing_eos_penalty_charges_responses_that_ran_out(
+    compose_cfg, untrained_artifacts, tmp_path
+):
+    first = {}
+    for penalty in ("null", "5.0"):
+        cfg = _ppo(
+            compose_cfg,
+            untrained_artifacts,
+            "preference=single",
+            "algo.iterations=1",
+            f"algo.missing_eos_penalty={penalty}",
+        )
+        run(cfg, tmp_path / penalty, callbacks=[EosBias()])
+        first[penalty] = _history(tmp_path / penalty)[0]
+    plain, penalised = first["null"], first["5.0"]
+    assert 0 < plain["rollout/ended_rate"] < 1  # some responses ended, others ran out
+    rollout = [name for name in plain if name.startswith("rollout/")]
+    assert [penalised[name] for name in rollout] == [plain[name] for name in rollout]
+    assert penalised["train/actor_loss"] != plain["train/actor_loss"]
+
+
+def test_lora_ppo_starts_at_its_reference_and_exports_a_merged_policy(
+    compose_cfg, untrained_artifacts, tmp_path
+):
+    cfg = _ppo(
+        compose_cfg,
+        untrained_artifacts,
+        "preference=single",
+        "algo.iterations=3",
+        "algo.lora_rank=4",
+        "algo.actor_lr=1e-2",
+    )
+    run(cfg, tmp_path)
+    history = json.loads((tmp_path / "ppo_history.json").read_text())
+    # LoRA's B starts at zero: the actor is its own reference until the first update.
+    assert abs(history[0]["rollout/kl"]) < 1e-4 and abs(history[-1]["rollout/kl"]) > 1e-4
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "artifacts" / "policy")
+    initial = AutoModelForCausalLM.from_pretrained(untrained_artifacts / "policy")
+    trained_weights, initial_weights = trained.state_dict(), initial.state_dict()
+    assert trained_weights.keys() == initial_weights.keys()  # a plain model, adapters merged
+    changed = {
+        k for k in initial_weights if not torch.equal(trained_weights[k], initial_weights[k])
+    }
+    assert changed and all("proj" in k for k in changed)  # only the adapted linear layers
 
 
 class CountActorGradForwards(Callback):

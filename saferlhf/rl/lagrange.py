@@ -7,7 +7,8 @@ interface, as OpenRLHF's KL controllers:
 - ``record(episode_costs)``: take this iteration's episode costs (every rank's), return the
   mean episode cost J_c that the rule steps on;
 - ``step(optimizer, episode_cost)``: move λ, with the optimizer from ``make_optimizer()``;
-- ``make_optimizer()``: the optimizer for λ's parameters, ``None`` when λ has none.
+- ``make_optimizer()``: the optimizer for λ's parameters, ``None`` when λ has none;
+- ``update_per``: when PPO calls ``step``: once per iteration or before every minibatch.
 
 PPO runs the same code for every rule; only λ's trajectory differs.
 """
@@ -40,6 +41,7 @@ class Multiplier(nn.Module, ABC):
     """The interface every rule implements (see the module docstring)."""
 
     name: str  # the ``lagrange.name`` that selects the rule
+    update_per: str  # iteration | minibatch
 
     @classmethod
     @abstractmethod
@@ -77,11 +79,12 @@ class SafeRLHFMultiplier(Multiplier):
         cost_limit: float,
         window: int,
         update_delay: int,
+        update_per: str,
     ):
         super().__init__()
         self.log_lambda = nn.Parameter(torch.tensor(math.log(lambda_init)))
         self.lambda_lr, self.lambda_max, self.cost_limit = lambda_lr, lambda_max, cost_limit
-        self.update_delay = update_delay
+        self.update_delay, self.update_per = update_delay, update_per
         self.window: deque[float] = deque(maxlen=window)
         self.updates_seen = 0
 
@@ -94,6 +97,7 @@ class SafeRLHFMultiplier(Multiplier):
             cfg.cost_limit,
             cfg.window,
             cfg.update_delay,
+            cfg.update_per,
         )
 
     @property
@@ -135,6 +139,7 @@ class FixedMultiplier(Multiplier):
     """λ given and never moved (``lagrange=fixed``); J_c is this iteration's mean cost."""
 
     name = "fixed"
+    update_per = "iteration"
 
     def __init__(self, lambda_value: float):
         super().__init__()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -36,10 +36,12 @@ from saferlhf.data.module import LanguageModelingCollator, list_loader
 from saferlhf.data.sources import load_data
 from saferlhf.evaluate.gold import fixed_eval_prompts, gold_metrics
 from saferlhf.losses import (
+    clip_scores,
     combined_advantages,
     gae,
     kl_penalty,
     masked_mean,
+    penalise_missing_eos,
     ppo_clip_loss,
     selective_log_softmax,
     shaped_costs,
@@ -59,10 +61,16 @@ from saferlhf.rl.rollout import (
     token_values,
 )
 from saferlhf.run import RunContext, TaskResult
-from saferlhf.tasks.common import required_artifact, resolve_ckpt_path
+from saferlhf.tasks.common import cosine_with_warmup, required_artifact, resolve_ckpt_path
 from saferlhf.tasks.sft import response_nll
 
 EVAL_BATCH = 128  # prompts per generate call in the fixed-prompt evaluation
+
+
+def ended_responses(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """``(B,)`` True where a ``(B, R)`` response holds EOS: it ended before ``max_new_tokens``
+    ran out. Decoding pads only after an EOS, so a pad token equal to EOS changes nothing."""
+    return (responses == eos_token_id).any(-1)
 
 
 def _frozen(model: PreTrainedModel) -> PreTrainedModel:
@@ -117,6 +125,7 @@ class PPOModule(pl.LightningModule):
         self.initial_eval: dict[str, float] | None = None
         self._resume_rng_state: tuple | None = None  # (CPU state, CUDA states or None)
         self.final_eval: dict[str, float] | None = None
+        self.optimizer_names: list[str] = []  # set by configure_optimizers, in its order
         # λ moves by its own rule on every rank alike; DDP must not average its gradient.
         self._ddp_params_and_buffers_to_ignore = ["lagrange.log_lambda"]
 
@@ -124,39 +133,70 @@ class PPOModule(pl.LightningModule):
     def constrained(self) -> bool:
         return self.lagrange is not None
 
+    @property
+    def ptx_separate(self) -> bool:
+        return self.algo.ptx_coef > 0 and self.algo.ptx_mode == "separate"
+
     # -- optimisers ---------------------------------------------------------------------------
 
     def configure_optimizers(self):
+        """AdamW and a learning-rate schedule for each trained network, then λ's optimizer
+        (if its rule has one). ``optimizer_names`` keeps the order, which the schedules share."""
         a = self.algo
-
-        def adamw(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
-            trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: adapters
-            return torch.optim.AdamW(trainable, lr=lr, weight_decay=a.weight_decay, fused=True)
-
-        optimizers = [adamw(self.actor, a.actor_lr), adamw(self.reward_critic, a.critic_lr)]
+        updates = a.iterations * a.ppo_epochs * math.ceil(a.rollout_batch_size / a.minibatch_size)
+        actor_steps = 2 * updates if self.ptx_separate else updates
+        networks = {  # name: (model, learning rate, schedule, optimizer steps in the whole run)
+            "actor": (self.actor, a.actor_lr, a.actor_lr_schedule, actor_steps),
+            "reward_critic": (self.reward_critic, a.critic_lr, a.critic_lr_schedule, updates),
+        }
         if self.cost_critic is not None:
-            optimizers.append(adamw(self.cost_critic, a.critic_lr))
+            networks["cost_critic"] = (self.cost_critic, a.critic_lr, a.critic_lr_schedule, updates)
+        optimizers, schedules = {}, []
+        for name, (model, lr, schedule, steps) in networks.items():
+            trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: adapters
+            optimizers[name] = torch.optim.AdamW(
+                trainable,
+                lr=lr,
+                betas=tuple(a.adam_betas),
+                weight_decay=a.weight_decay,
+                fused=True,
+            )
+            schedules.append(
+                torch.optim.lr_scheduler.LambdaLR(
+                    optimizers[name], lr_multiplier(schedule, steps, a.warmup_ratio)
+                )
+            )
         lambda_optimizer = self.lagrange.make_optimizer() if self.lagrange is not None else None
         if lambda_optimizer is not None:
-            optimizers.append(lambda_optimizer)
-        return optimizers
+            optimizers["lambda"] = lambda_optimizer
+        self.optimizer_names = list(optimizers)
+        return list(optimizers.values()), schedules
 
-    def _optimizer_step(self, optimizer, loss: torch.Tensor) -> None:
+    def _optimizer(self, name: str):
+        return self.optimizers()[self.optimizer_names.index(name)]
+
+    def _update(self, network: str, loss: torch.Tensor) -> None:
+        """One optimizer step of ``network`` on ``loss`` (gradient norm clipped), then one step
+        of its learning-rate schedule."""
+        optimizer = self._optimizer(network)
         optimizer.zero_grad()
         self.manual_backward(loss)
         self.clip_gradients(
             optimizer, gradient_clip_val=self.algo.grad_clip, gradient_clip_algorithm="norm"
         )
         optimizer.step()
+        self.lr_schedulers()[self.optimizer_names.index(network)].step()
+
+    def _step_lambda(self, when: str, episode_cost: float | None) -> None:
+        """Let the λ rule step if it steps ``when`` (``iteration`` or ``minibatch``)."""
+        if self.constrained and self.lagrange.update_per == when:
+            optimizer = self._optimizer("lambda") if "lambda" in self.optimizer_names else None
+            self.lagrange.step(optimizer, episode_cost)
 
     # -- one PPO iteration --------------------------------------------------------------------
 
     def training_step(self, batch, batch_idx):
         a = self.algo
-        optimizers = self.optimizers()
-        actor_opt, reward_critic_opt = optimizers[0], optimizers[1]
-        cost_critic_opt = optimizers[2] if self.cost_critic is not None else None
-        lambda_opt = optimizers[3] if len(optimizers) > 3 else None  # fixed λ: none
 
         # 1. rollout
         started = self._clock()
@@ -176,38 +216,32 @@ class PPOModule(pl.LightningModule):
 
         # 3. advantages: KL-shaped per-token reward (and cost), GAE for each
         mask = rollout.response_mask
+        ended = ended_responses(rollout.responses, self.tokenizer.eos_token_id)
         kl = kl_penalty(old_logprobs, scores["ref_logprobs"]) * mask
+        reward_score = penalise_missing_eos(
+            clip_scores(reward, a.score_clip), ended, a.missing_eos_penalty
+        )
         reward_advantages, reward_returns = gae(
-            shaped_rewards(reward, kl, mask, a.kl_coef),
+            shaped_rewards(reward_score, kl, mask, a.kl_coef),
             old_reward_values,
             mask,
             a.gamma,
             a.gae_lambda,
         )
-        advantages = reward_advantages
         metrics: dict[str, float] = {}
-
-        # 4. λ update from the recent mean episode cost, then the combined advantage
+        episode_cost = None
         if self.constrained:
-            episode_cost = self.lagrange.record(cost)
-            self.lagrange.step(lambda_opt, episode_cost)
             cost_advantages, cost_returns = gae(
-                shaped_costs(cost, kl, mask, a.kl_coef),
+                shaped_costs(clip_scores(cost, a.score_clip), kl, mask, a.kl_coef),
                 old_cost_values,
                 mask,
                 a.gamma,
                 a.gae_lambda,
             )
-            advantages = combined_advantages(
-                reward_advantages, cost_advantages, self.lagrange.value
-            )
-            metrics |= {
-                "rollout/episode_cost": episode_cost,
-                "lagrange/lambda": self.lagrange.value,
-            }
-            if self.trainer.world_size > 1:  # λ must be identical on every rank
-                lambdas = self.all_gather(torch.tensor(self.lagrange.value, device=self.device))
-                metrics["lagrange/lambda_rank_spread"] = (lambdas.max() - lambdas.min()).item()
+            # 4. λ from the recent mean episode cost (once here, or before every minibatch)
+            episode_cost = self.lagrange.record(cost)
+            metrics["rollout/episode_cost"] = episode_cost
+            self._step_lambda("iteration", episode_cost)
 
         # 5. PPO epochs over minibatches, each trimmed to its own longest prompt and response
         sums: dict[str, float] = {}
@@ -216,35 +250,52 @@ class PPOModule(pl.LightningModule):
             for rows in minibatch_rows(
                 rollout.attention_mask.sum(-1), a.minibatch_size, a.length_bucketing
             ):
+                self._step_lambda("minibatch", episode_cost)
                 mb = rollout.select(rows).trimmed()
                 mb_mask = mb.response_mask
                 cells = (rows, slice(None, mb_mask.shape[1]))  # per-token tensors, trimmed alike
+                advantages = reward_advantages[cells]
+                if self.constrained:
+                    advantages = combined_advantages(
+                        advantages, cost_advantages[cells], self.lagrange.value
+                    )
                 logprobs = selective_log_softmax(
                     response_logits(self.actor, mb).float(), mb.responses
                 )
                 clip = ppo_clip_loss(
-                    logprobs, old_logprobs[cells], advantages[cells], mb_mask, a.clip_range
-                )
-                actor_loss = clip.loss
-                if a.ptx_coef > 0:
-                    actor_loss = actor_loss + a.ptx_coef * self._ptx_loss()
-                self._optimizer_step(actor_opt, actor_loss)
-
-                values = token_values(self.reward_critic, mb)
-                reward_value = value_clip_loss(
-                    values,
-                    old_reward_values[cells],
-                    reward_returns[cells],
+                    logprobs,
+                    old_logprobs[cells],
+                    advantages,
                     mb_mask,
-                    a.value_clip_range,
+                    a.clip_range,
+                    aggregation=a.loss_aggregation,
                 )
-                self._optimizer_step(reward_critic_opt, reward_value.loss)
                 step = {
                     "train/actor_loss": clip.loss.item(),
                     "train/clip_fraction": clip.clip_fraction.item(),
                     "train/approx_kl": clip.approx_kl.item(),
-                    "train/reward_value_loss": reward_value.loss.item(),
                 }
+                actor_loss = clip.loss
+                if a.ptx_coef > 0 and a.ptx_mode == "joint":
+                    ptx_loss = self._ptx_loss()
+                    step["train/ptx_loss"] = ptx_loss.item()
+                    actor_loss = actor_loss + a.ptx_coef * ptx_loss
+                self._update("actor", actor_loss)
+                if self.ptx_separate:  # a second step, on the SFT loss at the updated weights
+                    ptx_loss = self._ptx_loss()
+                    step["train/ptx_loss"] = ptx_loss.item()
+                    self._update("actor", a.ptx_coef * ptx_loss)
+
+                reward_value = value_clip_loss(
+                    token_values(self.reward_critic, mb),
+                    old_reward_values[cells],
+                    reward_returns[cells],
+                    mb_mask,
+                    a.value_clip_range,
+                    aggregation=a.loss_aggregation,
+                )
+                self._update("reward_critic", reward_value.loss)
+                step["train/reward_value_loss"] = reward_value.loss.item()
                 if self.constrained:
                     cost_value = value_clip_loss(
                         token_values(self.cost_critic, mb),
@@ -252,14 +303,20 @@ class PPOModule(pl.LightningModule):
                         cost_returns[cells],
                         mb_mask,
                         a.value_clip_range,
+                        aggregation=a.loss_aggregation,
                     )
-                    self._optimizer_step(cost_critic_opt, cost_value.loss)
+                    self._update("cost_critic", cost_value.loss)
                     step["train/cost_value_loss"] = cost_value.loss.item()
                 for name, value in step.items():  # averaged over every minibatch, not the last
                     sums[name] = sums.get(name, 0.0) + value
                 updates += 1
         updated = self._clock()
 
+        if self.constrained:
+            metrics["lagrange/lambda"] = self.lagrange.value
+            if self.trainer.world_size > 1:  # λ must be identical on every rank
+                lambdas = self.all_gather(torch.tensor(self.lagrange.value, device=self.device))
+                metrics["lagrange/lambda_rank_spread"] = (lambdas.max() - lambdas.min()).item()
         metrics |= {name: total / updates for name, total in sums.items()}
         metrics |= {
             "iteration": float(batch_idx + 1),
@@ -267,6 +324,7 @@ class PPOModule(pl.LightningModule):
             "rollout/kl": (kl.sum(-1)).mean().item(),
             "rollout/entropy": masked_mean(rollout.entropy, mask).item(),
             "rollout/response_length": mask.sum(-1).mean().item(),
+            "rollout/ended_rate": ended.float().mean().item(),
             "time/generation": generated - started,
             "time/scoring": scored - generated,
             "time/update": updated - scored,
@@ -471,8 +529,29 @@ def _load_score_model(path: str, name: str, tokenizer) -> PreTrainedModel:
     return model
 
 
+def lr_multiplier(schedule: str, total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    """The learning-rate factor at each optimizer step of a network that takes
+    ``total_steps``: 1 throughout (``constant``), or a linear warm-up over
+    ``int(warmup_ratio · total_steps)`` steps, then a cosine decay to 0 (``cosine``)."""
+    if schedule == "constant":
+        return lambda step: 1.0
+    if schedule == "cosine":
+        warmup_steps = int(warmup_ratio * total_steps)
+        return lambda step: cosine_with_warmup(step, warmup_steps, total_steps)
+    raise ValueError(f"learning-rate schedule {schedule!r}: expected constant or cosine")
+
+
 def check_ppo_config(cfg) -> None:
-    """Fail before anything loads, naming the key, on settings that cannot work together."""
+    """Fail before anything loads, naming the key, on values the schema's types let through."""
+    a = cfg.algo
+    if len(a.adam_betas) != 2 or not all(0 <= beta < 1 for beta in a.adam_betas):
+        raise ValueError(f"algo.adam_betas={list(a.adam_betas)}: expected [β1, β2] in [0, 1)")
+    if not 0 <= a.warmup_ratio <= 1:
+        raise ValueError(f"algo.warmup_ratio={a.warmup_ratio}: expected a share in [0, 1]")
+    if a.score_clip is not None and a.score_clip <= 0:
+        raise ValueError(f"algo.score_clip={a.score_clip}: expected a limit > 0, or null")
+    if a.missing_eos_penalty is not None and a.missing_eos_penalty < 0:
+        raise ValueError(f"algo.missing_eos_penalty={a.missing_eos_penalty}: expected >= 0")
     if cfg.lagrange.name == "fixed" and not cfg.preference.use_cost:
         raise ValueError("lagrange=fixed needs a cost model: use preference=dual")
 
