@@ -2,16 +2,26 @@
 
 One LightningModule with manual optimisation holds the actor, a frozen reference, the frozen
 reward model (and cost model), the reward critic (and cost critic) initialised from the score
-models, and the Lagrange multiplier. Each training step is one PPO iteration:
+models, and the Lagrange multiplier λ, whose rule is the config group ``lagrange``
+(:mod:`saferlhf.rl.lagrange`: ``safe_rlhf`` learns λ, ``fixed`` holds it). Each training
+step is one PPO iteration:
 
 1. rollout: sample responses to a batch of prompts with the KV cache;
 2. scoring: old log-probs, reference log-probs, values, reward and cost, under inference mode;
-3. advantages: KL-shaped per-token reward and cost, GAE for each;
-4. λ update: SGD on log λ from the recent mean episode cost (dual only);
-5. PPO epochs over minibatches: clipped surrogate on ``(A_r - λ·A_c) / (1 + λ)``, clipped
-   value losses for both critics, optional ptx (SFT) loss.
+3. advantages: the reward and cost scores clamped to ±``algo.score_clip``, the reward of a
+   response that never emitted EOS lowered by ``algo.missing_eos_penalty``; KL-shaped per-token
+   reward and cost, GAE for each;
+4. λ: the rule takes the iteration's episode costs and steps λ, here once or, with
+   ``lagrange.update_per=minibatch``, before every minibatch of step 5 (dual only);
+5. PPO epochs over minibatches: clipped surrogate on ``(A_r - λ·A_c) / (1 + λ)`` and clipped
+   value losses for both critics, each averaged over tokens as ``algo.loss_aggregation`` says;
+   the ptx (SFT) loss added to the actor loss (``algo.ptx_mode=joint``) or taken as a second
+   actor step (``separate``). Each optimizer step also steps its network's learning-rate
+   schedule (``algo.actor_lr_schedule``, ``algo.critic_lr_schedule``).
 
-Maths lives in :mod:`saferlhf.losses`; see Safe RLHF (arXiv 2310.12773) section 3.
+``summary.json`` names the run's ``variant``: the ``lagrange`` rule under preference=dual,
+``single`` under preference=single. Maths lives in :mod:`saferlhf.losses`; see Safe RLHF
+(arXiv 2310.12773) section 3.
 """
 
 from __future__ import annotations
