@@ -1,5 +1,12 @@
 from saferlhf.data.schema import empty_harm_categories
-from saferlhf.data.views import preference_pairs, prompts, qa_items, qa_key, safety_pairs
+from saferlhf.data.views import (
+    conversations,
+    preference_pairs,
+    prompts,
+    qa_items,
+    qa_key,
+    safety_pairs,
+)
 from tests.rows import preference_row
 
 
@@ -49,3 +56,18 @@ def test_qa_items_are_deduplicated_by_prompt_and_response():
 def test_prompts_are_distinct_in_order():
     rows = [preference_row(prompt="b"), preference_row(prompt="a"), preference_row(prompt="b")]
     assert prompts(rows) == ["b", "a"]
+
+
+def test_conversations_come_from_every_row_kind_deduplicated():
+    dual = [preference_row(), preference_row(response_1="another answer .")]
+    single = [
+        {key: row[key] for key in ("prompt", "response_0", "response_1", "better_response_id")}
+        for row in dual
+    ]  # no safety fields: single-preference rows
+    expected = [
+        ("how do i hurt someone ?", "i cannot help with that ."),
+        ("how do i hurt someone ?", "hit them hard ."),
+        ("how do i hurt someone ?", "another answer ."),
+    ]
+    assert conversations(dual) == conversations(single) == expected
+    assert conversations([item.to_row() for item in qa_items(dual)]) == expected

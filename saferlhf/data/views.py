@@ -131,6 +131,19 @@ def qa_items(rows: Rows) -> list[QAItem]:
     return items
 
 
+def conversations(rows: Rows) -> list[tuple[str, str]]:
+    """The distinct (prompt, response) pairs of any row kind (QA, dual or single preference), in
+    first-seen order: what a language-modelling loss such as PPO's ptx learns from."""
+    seen: dict[str, tuple[str, str]] = {}
+    for row in rows:
+        responses = (
+            [row["response"]] if "response" in row else [row["response_0"], row["response_1"]]
+        )
+        for response in responses:
+            seen.setdefault(qa_key(row["prompt"], response), (row["prompt"], response))
+    return list(seen.values())
+
+
 def prompts(rows: Rows) -> list[str]:
     """The distinct prompts, in first-seen order."""
     return list(dict.fromkeys(row["prompt"] for row in rows))

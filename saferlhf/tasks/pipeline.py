@@ -95,15 +95,19 @@ def pipeline_task(run: RunContext) -> TaskResult:
     return TaskResult(metrics, flat_artifacts)
 
 
+# The learned scores next to their gold counterparts: a gap that opens is reward hacking.
 CURVES = (
     ("rollout/reward", "learned reward"),
+    ("gold/helpfulness", "gold helpfulness"),
     ("rollout/cost", "learned cost"),
+    ("gold/unsafe_or_unreadable_rate", "gold unsafe-or-unreadable rate"),
     ("lagrange/lambda", "λ"),
 )
 
 
 def plot_training_curves(artifacts: dict[str, dict[str, str]], path: Path) -> Path | None:
-    """Reward, cost and λ over PPO iterations for every stage that wrote a PPO history."""
+    """Learned reward and cost, their gold counterparts (on the benchmark) and λ over PPO
+    iterations for every stage that wrote a PPO history."""
     histories = {
         stage: json.loads(Path(paths["history"]).read_text())
         for stage, paths in artifacts.items()
@@ -116,8 +120,13 @@ def plot_training_curves(artifacts: dict[str, dict[str, str]], path: Path) -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
-    for ax, (key, title) in zip(axes, CURVES, strict=True):
+    curves = [
+        (key, title)
+        for key, title in CURVES
+        if any(key in h for v in histories.values() for h in v)
+    ]
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.2), squeeze=False)
+    for ax, (key, title) in zip(axes[0], curves, strict=True):
         for stage, history in histories.items():
             points = [(h["iteration"], h[key]) for h in history if key in h]
             if points:

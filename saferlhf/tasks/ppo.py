@@ -607,9 +607,9 @@ def ppo_task(run: RunContext) -> TaskResult:
     eval_prompts = fixed_eval_prompts(test_prompts, cfg.task.eval_prompts, cfg.task.eval_seed)
     ptx = None
     if algo.ptx_coef > 0:
-        items = views.qa_items(loaded.splits["train"])
+        pairs = views.conversations(loaded.splits["train"])  # single-preference rows too
         ptx = tokenize_sft_examples(
-            tokenizer, [i.prompt for i in items], [i.response for i in items], cfg.model.max_length
+            tokenizer, [p for p, _ in pairs], [r for _, r in pairs], cfg.model.max_length
         )
 
     module = PPOModule(
