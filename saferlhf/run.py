@@ -20,7 +20,7 @@ LOGGERS = ("wandb", "csv", "tensorboard", "none")
 
 @dataclass
 class TaskResult:
-    """What a task returns: flat metric names (DESIGN.md section 8) and artifact paths."""
+    """What a task returns: flat metric names and artifact paths."""
 
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)

@@ -8,7 +8,7 @@
    exists, else the learned models) and the Safe RLHF arena table; optionally an LLM judge.
 
 Writes ``eval_responses.jsonl``, ``eval_results.json``, ``eval_table.md`` and PNG plots into
-the run dir; metric names follow DESIGN.md section 8.
+the run dir; its metric names are stable, as dashboards and the pipeline read them.
 """
 
 from __future__ import annotations
@@ -371,7 +371,7 @@ def evaluate_task(run: RunContext) -> TaskResult:
     if task.judge.enabled and not pairwise:
         log.warning("task.judge.enabled=true needs a baseline and a second policy: not judged")
 
-    # metrics: DESIGN.md section 8 names
+    # metrics: the contract names (eval/<policy>/..., winrate/..., arena/...)
     metrics: dict[str, float] = {}
     for name, ev in evals.items():
         metrics |= {f"eval/{name}/{key}": value for key, value in ev.metrics.items()}

@@ -1,4 +1,4 @@
-"""``saferlhf task=moderation``: a severity-sensitive moderation model (DESIGN.md section 5).
+"""``saferlhf task=moderation``: a severity-sensitive moderation model.
 
 One sequence-classification backbone with 23 outputs at the last token of the templated
 (prompt, response): 19 multi-label harm-category logits (``HARM_CATEGORIES`` order) and a 4-way
@@ -174,7 +174,7 @@ def moderation_metrics(
     is_safe: torch.Tensor,
     per_category: bool = True,
 ) -> dict[str, float]:
-    """DESIGN.md section 8 moderation metrics (unprefixed names) for ``N`` items.
+    """The moderation metrics (unprefixed names) for ``N`` items.
 
     ``category_probs`` ``(N, 19)``, ``severity_pred`` ``(N,)``, ``thresholds`` ``(19,)``,
     ``category_targets`` ``(N, 19)``, ``severity_targets`` ``(N,)``, ``is_safe`` ``(N,)`` bool.
