@@ -181,11 +181,12 @@ def test_missing_checkpoint_is_named(compose_cfg, tmp_path):
 def test_ddp_cpu_sees_every_training_pair_once_per_epoch(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "saferlhf.cli", "task=reward", "trainer=ddp_cpu", *SMALL,
-         "data.benchmark.num_train=301", f"hydra.run.dir={tmp_path}"],
+         "data.benchmark.num_train=301", "task.corrupted_pairs=0.5", f"hydra.run.dir={tmp_path}"],
         capture_output=True, text=True, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()))
     per_epoch = [float(r["train/epoch_pairs"]) for r in rows if r.get("train/epoch_pairs")]
-    assert per_epoch == [301.0, 301.0]  # odd count: one rank gets a weight-0 slot, none repeats
+    # 301 annotated + 150 corrupted pairs; odd count: one rank gets a weight-0 slot, none repeats
+    assert per_epoch == [451.0, 451.0]
     assert read_summary(tmp_path)["metrics"]["val/accuracy"] > 0.6
