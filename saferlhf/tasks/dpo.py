@@ -33,7 +33,7 @@ judged by the oracle on the same fixed test prompts with the same seeded samplin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -57,13 +57,12 @@ from saferlhf.tasks.common import (
     required_artifact,
 )
 
-# The fixed-prompt gold evaluation. DPOTaskConfig has no sampling fields, so these are pinned
-# here; they match task=ppo's defaults (eval_prompts 256, eval_seed 1234, algo.sampling), so
-# the same test prompts are sampled the same way and DPO and PPO figures compare directly.
+# The fixed-prompt gold evaluation. DPOTaskConfig has no prompt-set fields, so these are pinned
+# here; they match task=ppo's defaults (eval_prompts 256, eval_seed 1234) and the sampling is
+# PPO's own (cfg.algo.sampling), so DPO and PPO figures compare directly.
 EVAL_PROMPTS = 256
 EVAL_SEED = 1234  # picks the prompts and seeds the sampling
 EVAL_BATCH = 128  # prompts per generate call
-EVAL_SAMPLING = {"max_new_tokens": 48, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
 # -- which pairs: preference=dual rules, (rows) -> pairs ----------------------------------------
 
@@ -255,16 +254,17 @@ def fixed_prompt_gold(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     max_length: int,
+    sampling: Mapping[str, float],
 ) -> dict[str, float]:
     """Gold metrics of one seeded sample per prompt; the caller's RNG state is left untouched."""
-    prompt_ids = tokenize_prompts(tokenizer, prompts, max_length - EVAL_SAMPLING["max_new_tokens"])
+    prompt_ids = tokenize_prompts(tokenizer, prompts, max_length - sampling["max_new_tokens"])
     cuda = [policy.device] if policy.device.type == "cuda" else []
     responses: list[str] = []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(EVAL_SEED)
         for start in range(0, len(prompt_ids), EVAL_BATCH):
             chunk = prompt_ids[start : start + EVAL_BATCH]
-            rollout = sample_responses(policy.eval(), tokenizer, chunk, **EVAL_SAMPLING)
+            rollout = sample_responses(policy.eval(), tokenizer, chunk, **sampling)
             responses += decode_responses(tokenizer, rollout)
     return gold_metrics(prompts, responses)
 
@@ -312,7 +312,9 @@ def dpo_task(run: RunContext) -> TaskResult:
             prompts = eval_prompts(loaded.splits["test"])
             device = fit.trainer.strategy.root_device
             for stage, model in (("initial", module.reference), ("final", module.policy)):
-                gold = fixed_prompt_gold(model.to(device), tokenizer, prompts, max_length)
+                gold = fixed_prompt_gold(
+                    model.to(device), tokenizer, prompts, max_length, dict(cfg.algo.sampling)
+                )
                 metrics |= {f"{stage}/gold/{name}": value for name, value in gold.items()}
             run.log_metrics({k: v for k, v in metrics.items() if "/gold/" in k})
     return TaskResult(metrics, {"policy": str(artifact), "checkpoint": fit.best_checkpoint})
