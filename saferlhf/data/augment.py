@@ -71,7 +71,9 @@ def corrupted_pairs(
     """``round(fraction · len(pairs))`` extra pairs, each a response of a random pair (chosen or
     rejected alike) preferred to a corrupted copy of itself. Deterministic in ``seed``."""
     if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"the corrupted-pair fraction must be in [0, 1], got {fraction!r}")
+        raise ValueError(
+            f"the corrupted-pair fraction (task.corrupted_pairs) must be in [0, 1], got {fraction!r}"
+        )
     rng = random.Random(f"{seed}/corrupted-pairs")
     pool = sorted({word for pair in pairs for word in (pair.chosen + " " + pair.rejected).split()})
     extra = []

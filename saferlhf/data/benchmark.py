@@ -1107,8 +1107,8 @@ def check_harm_penalty(harm_penalty: Sequence[float]) -> None:
         or values != sorted(values)
     ):
         raise ValueError(
-            "the single-preference harm penalty needs 4 finite, non-negative, non-decreasing "
-            f"values (severity 0, 1, 2, 3), got {values!r}"
+            "the single-preference harm penalty (data.benchmark.single_harm_penalty) needs 4 "
+            f"finite, non-negative, non-decreasing values (severity 0, 1, 2, 3), got {values!r}"
         )
 
 
