@@ -40,7 +40,7 @@ def gold_metrics(
 
 def fixed_eval_prompts(prompts: Sequence[str], count: int, seed: int) -> list[str]:
     """``count`` of ``prompts`` in a seeded order: the fixed set that initial and final policies
-    (PPO and DPO alike) are judged on."""
+    (PPO and DPO alike) and task=evaluate's policies are judged on."""
     import torch
 
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))

@@ -30,7 +30,7 @@ from saferlhf.data.benchmark import GoldScore, Oracle
 from saferlhf.data.collate import tokenize_prompts
 from saferlhf.data.sources import load_data
 from saferlhf.evaluate import policy as pe
-from saferlhf.evaluate.gold import gold_metrics
+from saferlhf.evaluate.gold import fixed_eval_prompts, gold_metrics
 from saferlhf.evaluate.judge import judge_pair
 from saferlhf.evaluate.plots import plot_policy_means
 from saferlhf.models import build_causal_lm, build_score_model, load_tokenizer
@@ -131,8 +131,7 @@ def _eval_prompts(cfg: DictConfig, run_dir: Path) -> tuple[list[str], str]:
     loaded = load_data(cfg.data)
     loaded.write_skipped(run_dir)
     test_prompts = views.prompts(loaded.splits["test"])
-    order = torch.randperm(len(test_prompts), generator=torch.Generator().manual_seed(task.seed))
-    chosen = [test_prompts[i] for i in order[: task.num_prompts].tolist()]
+    chosen = fixed_eval_prompts(test_prompts, task.num_prompts, task.seed)
     return chosen, f"the test split ({len(chosen)} of {len(test_prompts)} distinct prompts)"
 
 
