@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from saferlhf.errors import UserError
+
 # The 19 harm categories of PKU-SafeRLHF, in the dataset card's order.
 HARM_CATEGORIES: tuple[str, ...] = (
     "Endangering National Security",
@@ -64,7 +66,7 @@ REQUIRED_FIELDS: dict[str, dict[str, type]] = {
 
 
 @dataclass(frozen=True)
-class RowError(ValueError):
+class RowError(UserError, ValueError):
     """A row that breaks the schema: where it is and which field is wrong."""
 
     source: str

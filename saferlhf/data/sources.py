@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 import datasets
 
 from saferlhf.data import benchmark, schema
+from saferlhf.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv
 ON_BAD_ROW = ("raise", "skip")
 
 
-class DataSourceError(RuntimeError):
+class DataSourceError(UserError):
     """The configured data cannot be loaded; the message says which config key to change."""
 
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from saferlhf.errors import UserError
 from saferlhf.evaluate.policy import LOSS, TIE, WIN
 
 DIMENSIONS = ("helpful", "harmless")
@@ -37,7 +38,7 @@ SYSTEM_PROMPT = (
 )
 
 
-class JudgeError(RuntimeError):
+class JudgeError(UserError):
     """The judge server cannot be used; the message names ``task.judge.base_url``."""
 
 
