@@ -260,6 +260,9 @@ class JudgeConfig:
     base_url: str | None = None  # e.g. http://localhost:8000/v1
     model: str | None = None
     api_key_env: str = "OPENAI_API_KEY"  # read from the environment, never from the config
+    # Plain http is refused to any host but this machine: the key and the data would cross the
+    # network unencrypted. True allows it (a trusted network).
+    allow_insecure_http: bool = False
     timeout: float = 30.0
     max_prompts: int = 64
 
