@@ -202,11 +202,12 @@ def test_flag_rule_and_holdout_split():
 
 
 def test_verdict_to_json():
-    verdict = Verdict(flagged=True, severity=2, categories={"Drugs": 0.75})
+    verdict = Verdict(flagged=True, severity=2, categories={"Drugs": 0.75}, truncated=True)
     assert json.loads(verdict.to_json()) == {
         "flagged": True,
         "severity": 2,
         "categories": {"Drugs": 0.75},
+        "truncated": True,
     }
 
 

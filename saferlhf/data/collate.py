@@ -1,17 +1,31 @@
-"""The conversation template, tokenization and padding.
+"""The conversation template, tokenization, truncation and padding.
 
 Safe RLHF's template: ``BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:``, then the
 response, then EOS. Every stage formats text here so prompts look the same to every model.
+
+A conversation longer than ``max_length`` never loses its response to its prompt. The
+template's fixed parts (the ``BEGINNING OF CONVERSATION: USER:`` head and the ``ASSISTANT:``
+marker) always stay and the prompt gives way first, from its start, so the words next to the
+response stay. What happens to a response that does not fit even alone depends on who reads it
+(:func:`keep_response_end`, :func:`keep_response_start`, :func:`response_windows`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, NamedTuple, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-PROMPT_TEMPLATE = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
+from saferlhf.errors import ConfigError
+
+HEAD = "BEGINNING OF CONVERSATION: USER:"
+MARKER = " ASSISTANT:"
+PROMPT_TEMPLATE = HEAD + " {prompt}" + MARKER
+
+T = TypeVar("T")
 
 
 def format_prompt(prompt: str) -> str:
@@ -22,20 +36,259 @@ def format_conversation(prompt: str, response: str) -> str:
     return f"{format_prompt(prompt)} {response}"
 
 
+# -- what to keep: token counts in, token counts out -------------------------------------------
+
+
+class Window(NamedTuple):
+    """What a model sees of one conversation: the template, the last ``prompt_tokens`` tokens of
+    the prompt, response tokens ``[response_start, response_stop)`` and EOS when ``eos``."""
+
+    prompt_tokens: int
+    response_start: int
+    response_stop: int
+    eos: bool
+
+    def cuts(self, prompt: int, response: int) -> bool:
+        """Whether this window leaves out any of a ``prompt``- and ``response``-token conversation."""
+        return self != Window(prompt, 0, response, True)
+
+
+def _room(fixed: int, max_length: int) -> int:
+    """Tokens left for the prompt and response once the template's ``fixed`` tokens and EOS are in."""
+    room = max_length - fixed - 1
+    if room < 1:
+        raise ConfigError(
+            f"max_length={max_length} tokens cannot hold the conversation template ({fixed} "
+            "tokens), one response token and EOS: raise model.max_length"
+        )
+    return room
+
+
+def keep_response_end(fixed: int, prompt: int, response: int, max_length: int) -> Window:
+    """For score models (reward, cost, moderation training), which read the last token: the
+    response's end and EOS always stay; the prompt gives way first, from its start, then the
+    response's start. ``fixed``, ``prompt`` and ``response`` are token counts."""
+    room = _room(fixed, max_length)
+    kept = min(response, room)
+    return Window(min(prompt, room - kept), response - kept, response, True)
+
+
+def keep_response_start(fixed: int, prompt: int, response: int, max_length: int) -> Window:
+    """For language modelling (SFT, DPO, ptx), where the response tokens carry the loss: the
+    prompt gives way first, from its start. A response that does not fit alone keeps its
+    beginning, as generation produces it, and no EOS: it did not end there."""
+    room = _room(fixed, max_length)
+    if response <= room:
+        return Window(min(prompt, room - response), 0, response, True)
+    return Window(0, 0, room + 1, False)  # EOS's place goes to one more response token
+
+
+def response_windows(fixed: int, prompt: int, response: int, max_length: int) -> list[Window]:
+    """For judging harm, so that no part of the response escapes: one window when the response
+    fits beside the template and EOS (the prompt gives way from its start), else windows over
+    the response alone, each as long as fits, half a window apart, the last ending at the
+    response's end. Any run of up to half a window of response tokens then lies whole in one
+    window, and every token is seen."""
+    room = _room(fixed, max_length)
+    if response <= room:
+        return [Window(min(prompt, room - response), 0, response, True)]
+    stride = max(1, room // 2)
+    starts = [*range(0, response - room, stride), response - room]
+    return [Window(0, start, start + room, True) for start in starts]
+
+
+def keep_prompt_end(fixed: int, prompt: int, max_length: int) -> int:
+    """Prompt tokens kept for generation, where the template's ``fixed`` tokens (head and the
+    ``ASSISTANT:`` cue) always stay: the prompt's end, next to the cue."""
+    if max_length - fixed < 1:
+        raise ConfigError(
+            f"a prompt length of {max_length} tokens (model.max_length - max_new_tokens) cannot "
+            f"hold the prompt template ({fixed} tokens) and one prompt token"
+        )
+    return min(prompt, max_length - fixed)
+
+
+# -- tokens ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Segments:
+    """A templated conversation's token ids in its four parts, in order."""
+
+    head: list[int]  # BEGINNING OF CONVERSATION: USER:
+    prompt: list[int]
+    marker: list[int]  # ASSISTANT:
+    response: list[int]  # empty for a prompt alone
+
+    @property
+    def fixed(self) -> int:
+        return len(self.head) + len(self.marker)
+
+    def join(self, window: Window, eos_token_id: int) -> list[int]:
+        prompt = self.prompt[len(self.prompt) - window.prompt_tokens :]
+        response = self.response[window.response_start : window.response_stop]
+        ids = [*self.head, *prompt, *self.marker, *response]
+        return [*ids, eos_token_id] if window.eos else ids
+
+
+def _part(start: int, stop: int, marker_start: int, marker_stop: int) -> int:
+    """0 head, 1 prompt, 2 marker, 3 response: the part of a token spanning ``[start, stop)``
+    characters. A token that touches the head or the marker belongs to it."""
+    if start < len(HEAD):
+        return 0
+    if stop <= marker_start:
+        return 1
+    return 2 if start < marker_stop else 3
+
+
+def segment(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], responses: Sequence[str] | None
+) -> list[Segments]:
+    """Tokenize each templated conversation (or prompt alone, when ``responses`` is None) as one
+    text, so that the ids are exactly the untruncated ones, then split them at the template's
+    boundaries by their character offsets; cutting the prompt never cuts the template."""
+    if responses is None:
+        texts = [format_prompt(p) for p in prompts]
+    else:
+        texts = [format_conversation(p, r) for p, r in zip(prompts, responses, strict=True)]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    segments = []
+    for prompt, ids, offsets in zip(
+        prompts, encoded["input_ids"], encoded["offset_mapping"], strict=True
+    ):
+        marker_start = len(HEAD) + 1 + len(prompt)
+        parts = [_part(a, b, marker_start, marker_start + len(MARKER)) for a, b in offsets]
+        # Offsets only grow, so each part is one run of tokens.
+        head = parts.count(0)
+        prompt_stop = head + parts.count(1)
+        marker_stop = prompt_stop + parts.count(2)
+        segments.append(
+            Segments(
+                ids[:head], ids[head:prompt_stop], ids[prompt_stop:marker_stop], ids[marker_stop:]
+            )
+        )
+    return segments
+
+
+@dataclass(frozen=True)
+class Encoded(Generic[T]):
+    """One encoding per conversation, and which conversations lost tokens to ``max_length``."""
+
+    examples: list[T]
+    truncated: list[bool]
+
+    @property
+    def num_truncated(self) -> int:
+        return sum(self.truncated)
+
+
+def _encode(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    max_length: int,
+    fit: Callable[[int, int, int, int], Window],
+) -> tuple[list[Segments], list[Window]]:
+    """Each conversation's segments and the window ``fit`` keeps of it."""
+    segments = segment(tokenizer, prompts, responses)
+    windows = [fit(s.fixed, len(s.prompt), len(s.response), max_length) for s in segments]
+    return segments, windows
+
+
+def encode_conversations(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    max_length: int,
+) -> Encoded[list[int]]:
+    """Token ids of each templated conversation, ending in EOS and at most ``max_length`` long,
+    cut as :func:`keep_response_end` says (score models read the last token)."""
+    segments, windows = _encode(tokenizer, prompts, responses, max_length, keep_response_end)
+    eos = tokenizer.eos_token_id
+    return Encoded(
+        [s.join(w, eos) for s, w in zip(segments, windows, strict=True)],
+        [w.cuts(len(s.prompt), len(s.response)) for s, w in zip(segments, windows, strict=True)],
+    )
+
+
 def tokenize_conversations(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     responses: Sequence[str],
     max_length: int,
 ) -> list[list[int]]:
-    """Token ids of each templated conversation, ending in EOS and at most ``max_length`` long.
+    """:func:`encode_conversations`' ids alone."""
+    return encode_conversations(tokenizer, prompts, responses, max_length).examples
 
-    A too-long conversation loses the end of its response, never its EOS: score models read
-    the last token.
-    """
-    texts = [format_conversation(p, r) for p, r in zip(prompts, responses, strict=True)]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [ids[: max_length - 1] + [tokenizer.eos_token_id] for ids in encoded]
+
+def encode_windows(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    max_length: int,
+) -> Encoded[list[list[int]]]:
+    """Per conversation, the sequences a moderator judges (:func:`response_windows`): one for a
+    conversation that fits once its prompt is cut, overlapping windows for a longer response."""
+    segments = segment(tokenizer, prompts, responses)
+    eos = tokenizer.eos_token_id
+    examples, truncated = [], []
+    for s in segments:
+        windows = response_windows(s.fixed, len(s.prompt), len(s.response), max_length)
+        examples.append([s.join(w, eos) for w in windows])
+        truncated.append(len(windows) > 1 or windows[0].cuts(len(s.prompt), len(s.response)))
+    return Encoded(examples, truncated)
+
+
+def encode_sft_examples(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    max_length: int,
+) -> Encoded[tuple[list[int], list[int]]]:
+    """``(input_ids, labels)`` per conversation, labels -100 on the template and prompt: the
+    model learns the response and its EOS only. Cut as :func:`keep_response_start` says."""
+    segments, windows = _encode(tokenizer, prompts, responses, max_length, keep_response_start)
+    eos = tokenizer.eos_token_id
+    examples, truncated = [], []
+    for s, w in zip(segments, windows, strict=True):
+        ids = s.join(w, eos)
+        prompt_part = s.fixed + w.prompt_tokens
+        examples.append((ids, [-100] * prompt_part + ids[prompt_part:]))
+        truncated.append(w.cuts(len(s.prompt), len(s.response)))
+    return Encoded(examples, truncated)
+
+
+def tokenize_sft_examples(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    max_length: int,
+) -> list[tuple[list[int], list[int]]]:
+    """:func:`encode_sft_examples`' examples alone."""
+    return encode_sft_examples(tokenizer, prompts, responses, max_length).examples
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_length: int
+) -> Encoded[list[int]]:
+    """Templated prompt ids for generation, at most ``max_length`` long: the head and the
+    ``ASSISTANT:`` cue always stay, a long prompt keeps its end (:func:`keep_prompt_end`)."""
+    examples, truncated = [], []
+    for s in segment(tokenizer, prompts, None):
+        kept = keep_prompt_end(s.fixed, len(s.prompt), max_length)
+        examples.append(s.join(Window(kept, 0, 0, False), tokenizer.eos_token_id))
+        truncated.append(kept < len(s.prompt))
+    return Encoded(examples, truncated)
+
+
+def tokenize_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_length: int
+) -> list[list[int]]:
+    """:func:`encode_prompts`' ids alone."""
+    return encode_prompts(tokenizer, prompts, max_length).examples
+
+
+# -- batches ------------------------------------------------------------------------------------
 
 
 def pad_sequences(
@@ -58,32 +311,3 @@ def pad_sequences(
         input_ids[row, span] = torch.as_tensor(seq, dtype=torch.long)
         attention_mask[row, span] = 1
     return input_ids, attention_mask
-
-
-def tokenize_sft_examples(
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    responses: Sequence[str],
-    max_length: int,
-) -> list[tuple[list[int], list[int]]]:
-    """``(input_ids, labels)`` per conversation, labels -100 on the prompt: the model learns
-    the response and its EOS only."""
-    prompt_ids = tokenizer([format_prompt(p) for p in prompts], add_special_tokens=False)[
-        "input_ids"
-    ]
-    full_ids = tokenize_conversations(tokenizer, prompts, responses, max_length)
-    examples = []
-    for prompt, ids in zip(prompt_ids, full_ids, strict=True):
-        # BPE may merge across the prompt/response boundary; the template ends in ":" then a
-        # space-prefixed response, so the prompt's tokens are a prefix of the conversation's.
-        prefix = min(len(prompt), len(ids) - 1)
-        examples.append((ids, [-100] * prefix + ids[prefix:]))
-    return examples
-
-
-def tokenize_prompts(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_length: int
-) -> list[list[int]]:
-    """Templated prompt ids for generation, keeping the end (the ``ASSISTANT:`` cue) if too long."""
-    encoded = tokenizer([format_prompt(p) for p in prompts], add_special_tokens=False)["input_ids"]
-    return [ids[-max_length:] for ids in encoded]

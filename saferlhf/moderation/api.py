@@ -18,6 +18,11 @@ The flagging rule (:func:`flag`), for a tolerated severity ``max_severity`` (def
 
 So ``max_severity=1`` lets minor harm through and flags moderate or severe harm, judged by the
 severity head alone; the categories over threshold are reported either way.
+
+A conversation longer than ``max_length`` keeps the template and the end of its prompt; a
+response that does not fit even alone is judged in overlapping windows and the worst window
+decides (:func:`saferlhf.data.collate.response_windows`, :func:`worst_over_windows`), so no part
+of a response can hide from the moderator. Such verdicts say ``truncated``.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from saferlhf.data.collate import pad_sequences, tokenize_conversations
+from saferlhf.data.collate import encode_windows, pad_sequences
 from saferlhf.data.schema import HARM_CATEGORIES, SEVERITY_LEVELS
+from saferlhf.errors import UserError
 
 NUM_CATEGORIES = len(HARM_CATEGORIES)  # 19
 NUM_SEVERITIES = len(SEVERITY_LEVELS)  # 4
@@ -66,18 +73,51 @@ def flag(
     return flagged
 
 
+def worst_over_windows(
+    category_probs: torch.Tensor, severity: torch.Tensor, owners: torch.Tensor, num_items: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per item, the worst of its windows: the highest probability of each category ``(n, 19)``
+    and the highest severity ``(n,)``.
+
+    ``category_probs`` ``(W, 19)`` and ``severity`` ``(W,)`` are per window, ``owners`` ``(W,)``
+    the item each window belongs to; every item owns at least one window. :func:`flag` only
+    grows with either, so an item is flagged exactly when one of its windows would be.
+    """
+    worst_probs = torch.zeros(num_items, category_probs.shape[1], dtype=category_probs.dtype)
+    worst_probs = worst_probs.scatter_reduce(
+        0, owners.unsqueeze(1).expand_as(category_probs), category_probs, "amax", include_self=False
+    )
+    worst_severity = torch.zeros(num_items, dtype=severity.dtype).scatter_reduce(
+        0, owners, severity, "amax", include_self=False
+    )
+    return worst_probs, worst_severity
+
+
+class ModelFolderError(UserError, ValueError):
+    """A moderation model folder that cannot be loaded; the message names the file."""
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message as one line (library messages often run to several)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 @dataclass(frozen=True)
 class Verdict:
     """The judgement of one response.
 
     ``categories`` maps each category over its threshold to its probability (card order);
     ``severity`` is the severity head's argmax (0 safe .. 3 severe); ``flagged`` follows
-    :func:`flag` for the ``max_severity`` that :meth:`Moderator.moderate` was given.
+    :func:`flag` for the ``max_severity`` that :meth:`Moderator.moderate` was given;
+    ``truncated`` says the conversation was longer than the model's ``max_length``, so the start
+    of its prompt went unseen, or its response was judged in windows (the worst counts).
     """
 
     flagged: bool
     severity: int
     categories: dict[str, float]
+    truncated: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,43 +133,68 @@ class Moderator:
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device)
-        self.thresholds = torch.tensor(list(thresholds), dtype=torch.float, device=self.device)
+        self.thresholds = torch.tensor(list(thresholds), dtype=torch.float)  # (19,), on the CPU
         self.max_length = max_length
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | None = None) -> Moderator:
         """Load a folder written by ``saferlhf task=moderation`` (``artifacts/moderation``).
 
-        ``device`` defaults to ``cuda`` when available, else ``cpu``.
+        ``device`` defaults to ``cuda`` when available, else ``cpu``. A folder that cannot be
+        loaded raises :class:`ModelFolderError` naming the file at fault.
         """
         directory = Path(directory)
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(f"{directory}: no config.json (expected a moderation model)")
-        model = AutoModelForSequenceClassification.from_pretrained(directory)
-        spec = getattr(model.config, "moderation", None)
-        if not spec or list(spec.get("categories", ())) != list(HARM_CATEGORIES):
-            raise ValueError(
-                f"{directory}/config.json has no 'moderation' entry with the 19 categories: "
-                "not a moderation model (train one with `saferlhf task=moderation`)"
+        spec = _moderation_spec(directory)
+        if not (directory / "tokenizer.json").is_file():  # truncation needs a fast tokenizer
+            raise ModelFolderError(
+                f"{directory}: no tokenizer.json (the folder's tokenizer is missing)"
             )
-        if model.config.num_labels != NUM_LABELS:
-            raise ValueError(f"{directory}: expected {NUM_LABELS} outputs")
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+        except Exception as error:  # a folder's files are the user's input, whatever breaks
+            raise ModelFolderError(
+                f"{directory}: cannot load the tokenizer (tokenizer.json, "
+                f"tokenizer_config.json): {one_line(error)}"
+            ) from error
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(directory)
+        except SafetensorError as error:
+            raise ModelFolderError(
+                f"{directory / 'model.safetensors'}: damaged or cut short ({one_line(error)}); "
+                "copy or export the folder again"
+            ) from error
+        except Exception as error:
+            raise ModelFolderError(
+                f"{directory}: cannot load the model: {one_line(error)}"
+            ) from error
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         return cls(model, tokenizer, spec["thresholds"], spec["max_length"], device)
 
     @torch.inference_mode()
     def predict(
-        self, prompts: Sequence[str], responses: Sequence[str]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Category probabilities ``(N, 19)`` and severity levels ``(N,)`` for one batch."""
-        sequences = tokenize_conversations(self.tokenizer, prompts, responses, self.max_length)
-        input_ids, attention_mask = pad_sequences(sequences, self.tokenizer.pad_token_id)
-        logits = self.model(
-            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
-        ).logits.float()  # (N, 23)
-        category_logits, severity_logits = split_logits(logits)
-        return category_logits.sigmoid(), severity_logits.argmax(dim=-1)
+        self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 64
+    ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+        """Per (prompt, response), the worst of its windows: category probabilities ``(N, 19)``
+        and severity levels ``(N,)``, both on the CPU; and which conversations were truncated.
+        The model runs on ``batch_size`` windows at a time."""
+        encoded = encode_windows(self.tokenizer, prompts, responses, self.max_length)
+        sequences = [window for windows in encoded.examples for window in windows]
+        owners = [item for item, windows in enumerate(encoded.examples) for _ in windows]
+        probs, severity = [], []
+        for start in range(0, len(sequences), batch_size):
+            input_ids, attention_mask = pad_sequences(
+                sequences[start : start + batch_size], self.tokenizer.pad_token_id
+            )
+            logits = self.model(
+                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+            ).logits.float()  # (B, 23)
+            category_logits, severity_logits = split_logits(logits.cpu())
+            probs.append(category_logits.sigmoid())
+            severity.append(severity_logits.argmax(dim=-1))
+        worst_probs, worst_severity = worst_over_windows(
+            torch.cat(probs), torch.cat(severity), torch.tensor(owners), len(prompts)
+        )
+        return worst_probs, worst_severity, encoded.truncated
 
     def moderate(
         self,
@@ -149,7 +214,9 @@ class Moderator:
         verdicts: list[Verdict] = []
         for start in range(0, len(prompts), batch_size):
             stop = start + batch_size
-            probs, severity = self.predict(prompts[start:stop], responses[start:stop])
+            probs, severity, truncated = self.predict(
+                prompts[start:stop], responses[start:stop], batch_size
+            )
             flagged = flag(probs, self.thresholds, severity, max_severity)
             over = over_threshold(probs, self.thresholds)
             for row in range(len(probs)):
@@ -158,5 +225,43 @@ class Moderator:
                     for c, name in enumerate(HARM_CATEGORIES)
                     if over[row, c]
                 }
-                verdicts.append(Verdict(bool(flagged[row]), int(severity[row]), categories))
+                verdicts.append(
+                    Verdict(bool(flagged[row]), int(severity[row]), categories, truncated[row])
+                )
         return verdicts
+
+
+def _moderation_spec(directory: Path) -> dict:
+    """``config.json``'s ``moderation`` entry, checked before any weights are read."""
+    path = directory / "config.json"
+    if not path.is_file():
+        raise ModelFolderError(
+            f"{directory}: no config.json (expected a moderation model folder, "
+            "written by `saferlhf task=moderation`)"
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelFolderError(f"{path}: not valid JSON ({one_line(error)})") from error
+    spec = config.get("moderation") if isinstance(config, dict) else None
+    if not isinstance(spec, dict) or list(spec.get("categories", ())) != list(HARM_CATEGORIES):
+        raise ModelFolderError(
+            f"{path} has no 'moderation' entry with the 19 categories: "
+            "not a moderation model (train one with `saferlhf task=moderation`)"
+        )
+    if config.get("num_labels", len(config.get("id2label", ()))) != NUM_LABELS:
+        raise ModelFolderError(f"{path}: expected {NUM_LABELS} outputs")
+    thresholds, max_length = spec.get("thresholds"), spec.get("max_length")
+    if not (
+        isinstance(thresholds, list)
+        and len(thresholds) == NUM_CATEGORIES
+        and all(isinstance(t, int | float) and 0.0 <= t <= 1.0 for t in thresholds)
+    ):
+        raise ModelFolderError(
+            f"{path}: moderation.thresholds must be {NUM_CATEGORIES} probabilities in [0, 1]"
+        )
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+        raise ModelFolderError(
+            f"{path}: moderation.max_length must be a positive integer, got {max_length!r}"
+        )
+    return spec

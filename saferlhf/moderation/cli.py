@@ -8,12 +8,15 @@ import itertools
 import json
 import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO, TextIO, TypeVar
 
+import torch
 from transformers.utils import logging as hf_logging
 
-from saferlhf.moderation.api import Moderator
+from saferlhf.errors import UserError
+from saferlhf.moderation.api import Moderator, Verdict, one_line
 
 LineT = TypeVar("LineT", bytes, str)
 
@@ -23,17 +26,27 @@ Judge (prompt, response) pairs with a moderation model trained by `saferlhf task
 Reads JSON Lines from --input (default: stdin), one object per line with string fields
 "prompt" and "response" (other fields are ignored), and writes one JSON line per judged
 line to --output (default: stdout), in input order:
-  {"line": N, "flagged": BOOL, "severity": 0-3, "categories": {NAME: PROBABILITY, ...}}
+  {"line": N, "flagged": BOOL, "severity": 0-3, "categories": {NAME: PROBABILITY, ...},
+   "truncated": BOOL}
 where N is the 1-based input line number, severity 0 safe, 1 minor, 2 moderate, 3 severe,
 and categories lists the harm categories over their thresholds. Flagged: severity above
 --max-severity, or, with --max-severity 0, also any category over its threshold.
 
+A conversation longer than the model's max_length is "truncated": the template and the end
+of the prompt are kept, and a response too long to fit even alone is judged in overlapping
+windows, the worst window deciding, so no part of a response goes unjudged. stderr ends with
+how many lines were truncated.
+
 Lines are read, judged and written --batch-size at a time, so memory does not grow with the
-input. Blank lines are ignored. A bad line (not UTF-8, not JSON, not an object, or a missing
-or non-string prompt or response) is reported on stderr with its line number and skipped.
+input. Blank lines are ignored. A bad line (not UTF-8, not JSON, not an object, a missing or
+non-string prompt or response, text that is not valid Unicode such as a lone surrogate, or
+any other line the model cannot judge) is reported on stderr with its line number and
+skipped; every other line is judged, those in the same batch included.
 
 Exit status: 0 when every line was judged, 1 when some lines were bad (the others are still
-judged), 2 for a usage error (bad arguments, a missing model folder or input file).
+judged), 2 for a usage error (bad arguments, a missing input file, a missing or unloadable
+model folder: no config.json, a damaged model.safetensors, no tokenizer), reported on one
+line before any input is read.
 """
 
 
@@ -89,6 +102,14 @@ def parse_line(line: bytes | str) -> tuple[str, str] | str:
             return f"missing field '{key}'"
         if not isinstance(record[key], str):
             return f"field '{key}' must be a string, got {type(record[key]).__name__}"
+        try:
+            record[key].encode("utf-8")
+        except UnicodeEncodeError as error:  # JSON's "\ud800" escapes decode to lone surrogates
+            code = ord(record[key][error.start])
+            return (
+                f"field '{key}' is not valid Unicode (lone surrogate U+{code:04X} at "
+                f"character {error.start})"
+            )
     return record["prompt"], record["response"]
 
 
@@ -99,6 +120,39 @@ def batches(lines: Iterable[LineT], size: int) -> Iterator[list[tuple[int, LineT
         yield batch
 
 
+@dataclass
+class StreamCounts:
+    judged: int = 0
+    bad: int = 0  # reported on stderr and skipped
+    truncated: int = 0  # judged, but longer than the model's max_length
+
+
+def judge_batch(
+    moderator: Moderator,
+    good: list[tuple[int, str, str]],
+    max_severity: int,
+    batch_size: int,
+) -> list[tuple[int, Verdict | str]]:
+    """Each ``(line number, prompt, response)``'s verdict, or why it cannot be judged."""
+    prompts, responses = [p for _, p, _ in good], [r for _, _, r in good]
+    try:
+        verdicts = moderator.moderate(prompts, responses, max_severity, batch_size)
+    except Exception:
+        # One line can break its whole batch: judged alone, it loses only itself.
+        return [(number, judge_line(moderator, p, r, max_severity)) for number, p, r in good]
+    return [(number, verdict) for (number, _, _), verdict in zip(good, verdicts, strict=True)]
+
+
+def judge_line(
+    moderator: Moderator, prompt: str, response: str, max_severity: int
+) -> Verdict | str:
+    """One line's verdict, or why it cannot be judged."""
+    try:
+        return moderator.moderate([prompt], [response], max_severity)[0]
+    except Exception as error:  # the line's text is user input, whatever it breaks
+        return f"cannot be judged ({type(error).__name__}: {one_line(error)})"
+
+
 def moderate_stream(
     moderator: Moderator,
     source: BinaryIO | TextIO,
@@ -106,10 +160,10 @@ def moderate_stream(
     errors: TextIO,
     max_severity: int,
     batch_size: int,
-) -> int:
-    """Judge every good line of ``source`` (bytes or text) into ``sink``; returns the number of
-    bad lines, each reported on ``errors`` with its line number."""
-    bad = 0
+) -> StreamCounts:
+    """Judge every good line of ``source`` (bytes or text) into ``sink``, in input order; each
+    bad line is reported on ``errors`` with its line number and skipped."""
+    counts = StreamCounts()
     for batch in batches(source, batch_size):
         good: list[tuple[int, str, str]] = []
         for number, text in batch:
@@ -117,19 +171,35 @@ def moderate_stream(
                 continue
             parsed = parse_line(text)
             if isinstance(parsed, str):
-                bad += 1
+                counts.bad += 1
                 print(f"line {number}: {parsed}; skipped", file=errors)
             else:
                 good.append((number, *parsed))
         if not good:
             continue
-        verdicts = moderator.moderate(
-            [p for _, p, _ in good], [r for _, _, r in good], max_severity, batch_size
-        )
-        for (number, _, _), verdict in zip(good, verdicts, strict=True):
-            sink.write(json.dumps({"line": number, **verdict.to_dict()}) + "\n")
+        for number, outcome in judge_batch(moderator, good, max_severity, batch_size):
+            if isinstance(outcome, str):
+                counts.bad += 1
+                print(f"line {number}: {outcome}; skipped", file=errors)
+                continue
+            counts.judged += 1
+            counts.truncated += outcome.truncated
+            sink.write(json.dumps({"line": number, **outcome.to_dict()}) + "\n")
         sink.flush()
-    return bad
+    return counts
+
+
+def _device_problem(device: str | None) -> str | None:
+    """Why ``--device`` cannot be used, or None."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        return f"--device {device}: not a torch device (e.g. cpu, cuda, cuda:1)"
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {device}: CUDA is not available on this machine"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,12 +219,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.input and not Path(args.input).is_file():
         print(f"saferlhf-moderate: --input {args.input}: no such file", file=sys.stderr)
         return 2
+    if problem := _device_problem(args.device):
+        print(f"saferlhf-moderate: {problem}", file=sys.stderr)
+        return 2
 
-    hf_logging.disable_progress_bar()  # stderr is for bad-line reports
+    # stderr is for bad-line reports and one-line errors
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         moderator = Moderator.from_pretrained(args.model, device=args.device)
-    except (OSError, ValueError) as error:
-        print(f"saferlhf-moderate: --model {args.model}: {error}", file=sys.stderr)
+    except UserError as error:  # its message names the folder or the file at fault
+        print(f"saferlhf-moderate: {error}", file=sys.stderr)
         return 2
 
     with contextlib.ExitStack() as stack:
@@ -170,11 +245,18 @@ def main(argv: list[str] | None = None) -> int:
             except OSError as error:
                 print(f"saferlhf-moderate: --output {args.output}: {error}", file=sys.stderr)
                 return 2
-        bad = moderate_stream(
+        counts = moderate_stream(
             moderator, source, sink, sys.stderr, args.max_severity, args.batch_size
         )
-    if bad:
-        print(f"saferlhf-moderate: {bad} bad line(s) skipped", file=sys.stderr)
+    if counts.truncated:
+        print(
+            f"saferlhf-moderate: {counts.truncated} of {counts.judged} judged line(s) longer "
+            f"than the model's max_length ({moderator.max_length} tokens): truncated, "
+            "the response judged whole",
+            file=sys.stderr,
+        )
+    if counts.bad:
+        print(f"saferlhf-moderate: {counts.bad} bad line(s) skipped", file=sys.stderr)
         return 1
     return 0
 
