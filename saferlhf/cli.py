@@ -1,41 +1,89 @@
-"""The ``saferlhf`` command: compose the Hydra config, seed, run the task, write summary.json."""
+"""The ``saferlhf`` command: compose the Hydra config, validate it, seed, run the task, write
+summary.json.
+
+Exit status: 0 when the run finished (its summary.json written); 2 when a config value, an
+input file or row, or an artifact was refused, or training went non-finite, with one line
+``saferlhf: error: ...`` on stderr naming what to fix; 143 (128 + SIGTERM, as a shell reports a
+process killed by it) when SIGTERM stopped training, after saving its state, with the command
+that resumes it; 1 when Hydra refuses the command line (an unknown key, a wrong type: its
+message names the key) or on a bug (with a traceback). A multirun runs every job and exits 2
+when any was refused.
+
+torch and Lightning are imported when the task runs, so a refused config is reported in about
+a second.
+"""
 
 from __future__ import annotations
 
 import logging
+import shlex
+import signal
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
-from pytorch_lightning import seed_everything
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_only
 
 from saferlhf import CONF_DIR
-from saferlhf.config import register_configs
-from saferlhf.run import RunContext, build_logger, close_logger, write_run_files
+from saferlhf.config import register_configs, validate_config
+from saferlhf.errors import UserError
+from saferlhf.run import (
+    Preempted,
+    RunContext,
+    build_logger,
+    close_logger,
+    job_name,
+    write_config,
+    write_run_files,
+)
 from saferlhf.tasks import get_task
 
+if TYPE_CHECKING:
+    from pytorch_lightning.callbacks import Callback
+
 log = logging.getLogger(__name__)
+
+EXIT_REFUSED = 2  # as saferlhf-moderate's usage errors
+EXIT_SIGTERM = 128 + signal.SIGTERM
 
 register_configs()
 
 
 def run(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
-    """Run ``cfg.task`` in ``run_dir`` and return its metrics (``callbacks`` join any fit)."""
+    """Run ``cfg.task`` in ``run_dir`` and return its metrics (``callbacks`` join any fit).
+
+    The config is validated before anything loads. Every fit also stops on non-finite
+    training and checkpoints on SIGTERM (raising :class:`Preempted`)."""
+    validate_config(cfg)
     task = get_task(cfg.task.name)
+
+    import torch
+    from pytorch_lightning import seed_everything
+    from pytorch_lightning.utilities import rank_zero_only
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from saferlhf.tasks.common import CheckpointOnSigterm, StopOnNonFinite
+
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if rank_zero_only.rank == 0:
+        # An earlier run's summary must not mark this one finished if it stops.
+        (run_dir / "summary.json").unlink(missing_ok=True)
+        write_config(cfg, run_dir)
+    sigterm = CheckpointOnSigterm(run_dir / "checkpoints" / "last.ckpt")
     logger = build_logger(cfg, run_dir)
     status = "failed"
     try:
-        result = task(RunContext(cfg, run_dir, logger, list(callbacks)))
+        result = task(RunContext(cfg, run_dir, logger, [StopOnNonFinite(), sigterm, *callbacks]))
         status = "success"
+    except SIGTERMException:
+        raise Preempted(sigterm.path if sigterm.saved else None) from None
     finally:
         close_logger(logger, status)
     if rank_zero_only.rank == 0:  # under DDP every rank runs the task; one writes the summary
@@ -44,9 +92,51 @@ def run(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> d
     return result.metrics
 
 
+def report(message: str) -> None:
+    print(f"saferlhf: error: {message}", file=sys.stderr, flush=True)
+
+
+def resume_command(overrides: Sequence[str], run_dir: str) -> str:
+    """The command line that resumes a run from its ``checkpoints/last.ckpt``."""
+    kept = [o for o in overrides if o.split("=")[0] not in ("hydra.run.dir", "ckpt_path")]
+    return shlex.join(["saferlhf", *kept, f"hydra.run.dir={run_dir}", "ckpt_path=last"])
+
+
+def preempted_message(stop: Preempted, overrides: Sequence[str], run_dir: str) -> str:
+    if stop.checkpoint is None:
+        return "stopped by SIGTERM before a checkpoint could be saved; rerun the command"
+    return (
+        f"stopped by SIGTERM; the run's state is saved in {stop.checkpoint}; "
+        f"resume with: {resume_command(overrides, run_dir)}"
+    )
+
+
+_refused_jobs: list[str] = []  # multirun jobs that were refused; the sweep goes on without them
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+def _run_job(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    run_dir = hydra_cfg.runtime.output_dir
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    try:
+        run(cfg, Path(run_dir))
+    except UserError as error:
+        if not multirun:
+            report(str(error))
+            raise SystemExit(EXIT_REFUSED) from None
+        report(f"job {hydra_cfg.job.num} ({job_name()}): {error}")
+        _refused_jobs.append(job_name())
+    except Preempted as stop:
+        report(preempted_message(stop, list(hydra_cfg.overrides.task), run_dir))
+        raise SystemExit(EXIT_SIGTERM) from None
+
+
+def main() -> None:
+    _run_job()
+    if _refused_jobs:
+        report(f"{len(_refused_jobs)} job(s) refused: {', '.join(_refused_jobs)}")
+        sys.exit(EXIT_REFUSED)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,18 @@ every YAML of the group shares it.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
+from fnmatch import fnmatchcase
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from saferlhf.errors import ConfigError
 
 
 @dataclass
@@ -368,3 +374,133 @@ def register_configs() -> None:
     store.store(group="lagrange", name="fixed_schema", node=FixedLagrangeConfig)
     store.store(group="task", name="evaluate_score_schema", node=EvaluateScoreTaskConfig)
     store.store(group="task", name="moderation_schema", node=ModerationTaskConfig)
+
+
+# -- values the schema's types let through ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The values a config key may take: from ``low`` to ``high``, each end included unless open."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{_number(self.low)}, {_number(self.high)}{right}"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+POSITIVE = Interval(low=0, low_open=True)
+NON_NEGATIVE = Interval(low=0)
+AT_LEAST_ONE = Interval(low=1)
+SHARE = Interval(0, 1)
+SEED = Interval(0, 2**32 - 1)  # what numpy, and so seed_everything, accepts
+
+# Dotted key (fnmatch pattern; list items are numbered) -> its allowed values; the first match
+# applies. Every float anywhere must also be finite; null (an option turned off) is not checked.
+RANGES: dict[str, Interval] = {
+    "*seed": SEED,  # seed, data.benchmark.seed, task.seed, task.eval_seed
+    "num_threads": AT_LEAST_ONE,
+    "data.test_fraction": Interval(0, 1, low_open=True, high_open=True),
+    "data.benchmark.num_train": AT_LEAST_ONE,
+    "data.benchmark.num_test": AT_LEAST_ONE,
+    "data.benchmark.label_noise": SHARE,
+    "data.benchmark.benign_fraction": SHARE,
+    "model.max_length": AT_LEAST_ONE,
+    "model.tokenizer.vocab_size": AT_LEAST_ONE,
+    "trainer.num_nodes": AT_LEAST_ONE,
+    "trainer.log_every_n_steps": AT_LEAST_ONE,
+    "*batch_size": AT_LEAST_ONE,  # task.batch_size, algo.rollout_batch_size, ...
+    "task.max_epochs": AT_LEAST_ONE,
+    "task.accumulate_grad_batches": AT_LEAST_ONE,
+    "task.checkpoint_every_n_steps": AT_LEAST_ONE,
+    "task.checkpoint_every": AT_LEAST_ONE,
+    "task.eval_prompts": AT_LEAST_ONE,
+    "task.num_prompts": AT_LEAST_ONE,
+    "task.sample_every": NON_NEGATIVE,
+    "*lr": POSITIVE,  # task.lr, algo.actor_lr, algo.critic_lr, lagrange.lambda_lr
+    "*.weight_decay": NON_NEGATIVE,
+    "*.warmup_ratio": SHARE,
+    "*.grad_clip": NON_NEGATIVE,  # 0 turns clipping off
+    "task.reg": NON_NEGATIVE,
+    "task.corrupted_pairs": NON_NEGATIVE,
+    "task.val_fraction": Interval(0, 1, low_open=True, high_open=True),
+    "task.beta": POSITIVE,
+    "task.judge.timeout": POSITIVE,
+    "*.sampling.max_new_tokens": AT_LEAST_ONE,
+    "*.sampling.temperature": POSITIVE,
+    "*.sampling.top_k": NON_NEGATIVE,  # 0 keeps every token
+    "*.sampling.top_p": Interval(0, 1, low_open=True),
+    "algo.iterations": AT_LEAST_ONE,
+    "algo.ppo_epochs": AT_LEAST_ONE,
+    "algo.kl_coef": NON_NEGATIVE,
+    "algo.gamma": SHARE,
+    "algo.gae_lambda": SHARE,
+    "algo.clip_range": POSITIVE,
+    "algo.value_clip_range": POSITIVE,
+    "algo.score_clip": POSITIVE,
+    "algo.missing_eos_penalty": NON_NEGATIVE,
+    "algo.adam_betas.*": Interval(0, 1, high_open=True),
+    "algo.ptx_coef": NON_NEGATIVE,
+    "algo.lora_rank": NON_NEGATIVE,
+    "algo.lora_alpha": POSITIVE,
+    "lagrange.lambda_init": POSITIVE,  # λ = exp(log λ): log 0 does not exist
+    "lagrange.lambda_max": POSITIVE,
+    "lagrange.lambda_value": NON_NEGATIVE,
+    "lagrange.window": AT_LEAST_ONE,
+    "lagrange.update_delay": NON_NEGATIVE,
+    "guard.max_severity": Interval(0, 3),
+    "guard.retries": NON_NEGATIVE,
+}
+
+
+def config_leaves(node: Any, key: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted key, value)`` of every scalar under ``node``; list items are numbered."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        yield key, node
+        return
+    for name, child in items:
+        yield from config_leaves(child, f"{key}.{name}" if key else str(name))
+
+
+def value_error(key: str, value: Any, ranges: dict[str, Interval] = RANGES) -> str | None:
+    """Why ``value`` cannot be the value of ``key``, or None when it can."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not math.isfinite(value):
+        return "expected a finite number"
+    allowed = next((ranges[pattern] for pattern in ranges if fnmatchcase(key, pattern)), None)
+    if allowed is not None and value not in allowed:
+        return f"expected a value {allowed}"
+    return None
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Refuse, naming the key, a value the schema's types let through but no run can use: a
+    missing or unresolvable value, a non-finite number, a size, rate or share out of range."""
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{error.full_key}: {error.msg}") from None
+    for key, value in config_leaves(resolved):
+        problem = value_error(key, value)
+        if problem:
+            raise ConfigError(f"{key}={value}: {problem}")

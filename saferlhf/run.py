@@ -1,21 +1,39 @@
-"""What every run shares: its directory, its logger, and the ``summary.json`` contract."""
+"""What every run shares: its directory, its logger, and the ``summary.json`` contract.
+
+Lightning is imported where a logger is built, so that a refused config is reported without
+waiting for torch to import.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+
+from saferlhf.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pytorch_lightning.callbacks import Callback
+    from pytorch_lightning.loggers import Logger
 
 log = logging.getLogger(__name__)
 
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
+
+
+class Preempted(Exception):
+    """The run stopped on SIGTERM; ``checkpoint`` holds its state, None when none was saved."""
+
+    def __init__(self, checkpoint: Path | None):
+        super().__init__(f"stopped by SIGTERM (checkpoint: {checkpoint})")
+        self.checkpoint = checkpoint
 
 
 @dataclass
@@ -48,6 +66,8 @@ def job_name() -> str:
 
 def build_logger(cfg: DictConfig, run_dir: Path) -> Logger | None:
     """The Lightning logger named by ``cfg.logger.name``, writing into the run dir."""
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
     logger_cfg = cfg.logger
     if logger_cfg.name == "none":
         return None
@@ -66,11 +86,13 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Logger | None:
             save_dir=str(run_dir),
             config=OmegaConf.to_container(cfg, resolve=True),
         )
-    raise ValueError(f"logger.name={logger_cfg.name!r}: expected one of {LOGGERS}")
+    raise ConfigError(f"logger.name={logger_cfg.name!r}: expected one of {LOGGERS}")
 
 
 def close_logger(logger: Logger | None, status: str) -> None:
     """Flush the logger; for wandb also end the run, so multirun jobs never share one."""
+    from pytorch_lightning.loggers import WandbLogger
+
     if logger is None:
         return
     logger.finalize(status)
@@ -80,15 +102,42 @@ def close_logger(logger: Logger | None, status: str) -> None:
         wandb.finish(exit_code=0 if status == "success" else 1)
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader finds the old file or the whole new one,
+    never a cut-off one (a temporary file in the same directory, then renamed over ``path``)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with temporary.open("w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def write_config(cfg: DictConfig, run_dir: Path) -> Path:
+    """The resolved config as ``config.yaml``: written when a run starts, so an unfinished
+    run's config can be compared too (the pipeline's resume does)."""
+    path = run_dir / "config.yaml"
+    write_atomically(path, OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
+def json_metric(value: float | None) -> float | None:
+    """A metric as strict JSON has it: an undefined one (NaN, e.g. a gold metric off the
+    benchmark, or a mean over no items) becomes null, as JSON has no NaN."""
+    return None if value is None or not math.isfinite(value) else value
+
+
 def write_run_files(cfg: DictConfig, run_dir: Path, result: TaskResult) -> Path:
     """Write the resolved config and ``summary.json`` (task, metrics, artifacts, and the variant
-    when the task names one) into the run dir."""
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    summary = {"task": cfg.task.name, "metrics": result.metrics, "artifacts": result.artifacts}
+    when the task names one) into the run dir; summary.json is strict JSON, written last and
+    atomically, so that it marks a finished run."""
+    write_config(cfg, run_dir)
+    metrics = {name: json_metric(value) for name, value in result.metrics.items()}
+    summary = {"task": cfg.task.name, "metrics": metrics, "artifacts": result.artifacts}
     if result.variant is not None:
         summary["variant"] = result.variant
     path = run_dir / "summary.json"
-    path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_atomically(path, json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n")
     return path
 
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 
+from saferlhf.errors import ConfigError
 from saferlhf.losses import clamp_log_lambda_, lagrange_loss
 
 
@@ -148,7 +149,7 @@ class FixedMultiplier(Multiplier):
     @classmethod
     def from_config(cls, cfg: DictConfig) -> FixedMultiplier:
         if cfg.lambda_value < 0:
-            raise ValueError(f"lagrange.lambda_value={cfg.lambda_value}: λ must be >= 0")
+            raise ConfigError(f"lagrange.lambda_value={cfg.lambda_value}: λ must be >= 0")
         return cls(cfg.lambda_value)
 
     @property

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from importlib import import_module
 
+from saferlhf.errors import ConfigError
 from saferlhf.run import RunContext, TaskResult
 
 TASKS: dict[str, str] = {
@@ -25,6 +26,6 @@ TASKS: dict[str, str] = {
 
 def get_task(name: str) -> Callable[[RunContext], TaskResult]:
     if name not in TASKS:
-        raise ValueError(f"task.name={name!r}: expected one of {sorted(TASKS)}")
+        raise ConfigError(f"task.name={name!r}: expected one of {sorted(TASKS)}")
     module, function = TASKS[name].split(":")
     return getattr(import_module(module), function)

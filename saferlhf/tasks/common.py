@@ -1,8 +1,10 @@
-"""Pieces every training stage shares: model sources, the Trainer, checkpoints, gold scores."""
+"""Pieces every training stage shares: model sources, the Trainer, checkpoints, gold scores,
+and the guards every fit runs with (non-finite training stops; SIGTERM checkpoints)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,12 +13,24 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from saferlhf.data import benchmark
 from saferlhf.data.collate import format_conversation
+from saferlhf.errors import ConfigError, UserError
 from saferlhf.models import build_tokenizer
 from saferlhf.run import RunContext
+
+
+class ConfigPathError(ConfigError, FileNotFoundError):
+    """A config key names a file or folder that is not there."""
+
+
+class NonFiniteError(UserError):
+    """Training produced a NaN or infinite loss, statistic or weight; the run stops before
+    writing a checkpoint or artifact from it."""
 
 
 def model_config(cfg: DictConfig, init_key: str | None) -> DictConfig:
@@ -25,7 +39,7 @@ def model_config(cfg: DictConfig, init_key: str | None) -> DictConfig:
     if not path:
         return cfg.model
     if not Path(path).is_dir():
-        raise FileNotFoundError(
+        raise ConfigPathError(
             f"init.{init_key}={path!r} is not a directory (expected a Hugging Face folder)"
         )
     return OmegaConf.merge(cfg.model, {"name_or_path": str(path)})
@@ -35,11 +49,11 @@ def required_artifact(cfg: DictConfig, init_key: str) -> str:
     """The path in ``cfg.init.<init_key>``; a clear error naming the key when it is unset or absent."""
     path = cfg.init[init_key]
     if not path:
-        raise ValueError(
+        raise ConfigError(
             f"this stage needs init.{init_key}=DIR (the artifacts/{init_key} folder of an earlier run)"
         )
     if not Path(path).is_dir():
-        raise FileNotFoundError(
+        raise ConfigPathError(
             f"init.{init_key}={path!r} is not a directory (expected a Hugging Face folder)"
         )
     return str(path)
@@ -76,7 +90,7 @@ def resolve_ckpt_path(cfg: DictConfig, run_dir: Path) -> str | None:
         return None
     path = run_dir / "checkpoints" / "last.ckpt" if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r}: no checkpoint at {path}")
+        raise ConfigPathError(f"ckpt_path={cfg.ckpt_path!r}: no checkpoint at {path}")
     return str(path)
 
 
@@ -93,6 +107,100 @@ def build_trainer(run: RunContext, task_cfg: DictConfig, callbacks: list[Callbac
         callbacks=[*callbacks, *run.callbacks],
         use_distributed_sampler=False,  # ShardedSampler shards without repeating examples
     )
+
+
+# -- guards every fit runs with (saferlhf.cli.run adds them) ----------------------------------
+
+
+def non_finite(values: Mapping[str, float]) -> dict[str, float]:
+    """The entries of ``values`` that are NaN or infinite."""
+    return {name: value for name, value in values.items() if not math.isfinite(value)}
+
+
+def first_non_finite_parameter(modules: Iterable[nn.Module | None]) -> str | None:
+    """The name of the first trainable parameter of ``modules`` that holds a NaN or an
+    infinity, or None: one reduction over the parameters (frozen ones cannot change)."""
+    named = [
+        (name, parameter)
+        for module in modules
+        if module is not None
+        for name, parameter in module.named_parameters()
+        if parameter.requires_grad
+    ]
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(parameter).all() for _, parameter in named])
+    if finite.all():
+        return None
+    return named[int(finite.logical_not().nonzero()[0, 0])][0]
+
+
+def non_finite_message(where: str, values: Mapping[str, float], parameter: str | None) -> str:
+    found = [f"{name}={value}" for name, value in values.items()]
+    if parameter is not None:
+        found.append(f"weights of {parameter}")
+    return (
+        f"{where}: training went non-finite ({', '.join(found) or 'on another rank'}); the run "
+        "stopped without writing a checkpoint or artifact from it (a lower learning rate may help)"
+    )
+
+
+def stop_if_non_finite(
+    trainer: pl.Trainer,
+    where: str,
+    values: Mapping[str, float],
+    modules: Iterable[nn.Module | None] = (),
+) -> None:
+    """Raise NonFiniteError, on every rank alike, when any rank's ``values`` or trainable
+    weights of ``modules`` are NaN or infinite; ``where`` names the iteration or step."""
+    bad_values = non_finite(values)
+    bad_parameter = first_non_finite_parameter(modules)
+    found = bool(bad_values) or bad_parameter is not None
+    if trainer.strategy.reduce_boolean_decision(found, all=False):
+        raise NonFiniteError(non_finite_message(where, bad_values, bad_parameter))
+
+
+def training_position(trainer: pl.Trainer) -> str:
+    return f"epoch {trainer.current_epoch + 1}, training step {trainer.global_step}"
+
+
+class StopOnNonFinite(Callback):
+    """Stop the fit when a training loss is not finite (one scalar a step) or when a checkpoint
+    about to be written holds non-finite weights (checked before the file is written).
+    Manually optimised tasks (PPO) check their own losses with :func:`stop_if_non_finite`."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor):
+            stop_if_non_finite(trainer, training_position(trainer), {"loss": loss.item()})
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        stop_if_non_finite(trainer, training_position(trainer), {}, [pl_module])
+
+
+class CheckpointOnSigterm(Callback):
+    """On SIGTERM Lightning ends the fit after the current batch by raising SIGTERMException, a
+    SystemExit with status 0; save the full state to ``path`` first, at the end of that batch
+    where the periodic checkpoints are taken too, so that ``ckpt_path=last`` resumes from it.
+    A SIGTERM outside a training batch (during validation) saves when the fit stops."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.saved = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not self.saved and trainer.strategy.reduce_boolean_decision(
+            trainer.received_sigterm, all=False
+        ):
+            self._save(trainer)
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, SIGTERMException) and not self.saved:
+            self._save(trainer)
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        trainer.save_checkpoint(self.path, weights_only=False)
+        self.saved = True
 
 
 def gather_across_ranks(

@@ -71,7 +71,12 @@ from saferlhf.rl.rollout import (
     token_values,
 )
 from saferlhf.run import RunContext, TaskResult
-from saferlhf.tasks.common import cosine_with_warmup, required_artifact, resolve_ckpt_path
+from saferlhf.tasks.common import (
+    cosine_with_warmup,
+    required_artifact,
+    resolve_ckpt_path,
+    stop_if_non_finite,
+)
 from saferlhf.tasks.sft import response_nll
 
 EVAL_BATCH = 128  # prompts per generate call in the fixed-prompt evaluation
@@ -342,6 +347,8 @@ class PPOModule(pl.LightningModule):
         if cost is not None:
             metrics["rollout/cost"] = cost.mean().item()
             metrics["rollout/unsafe_rate"] = (cost > 0).float().mean().item()
+        networks = (self.actor, self.reward_critic, self.cost_critic)
+        stop_if_non_finite(self.trainer, f"PPO iteration {batch_idx + 1}", metrics, networks)
         responses = decode_responses(self.tokenizer, rollout)
         if self.gold:
             metrics |= {
