@@ -12,6 +12,7 @@ response stay. What happens to a response that does not fit even alone depends o
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, NamedTuple, TypeVar
@@ -20,6 +21,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from saferlhf.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 HEAD = "BEGINNING OF CONVERSATION: USER:"
 MARKER = " ASSISTANT:"
@@ -180,6 +183,19 @@ class Encoded(Generic[T]):
     @property
     def num_truncated(self) -> int:
         return sum(self.truncated)
+
+
+def log_truncated(truncated: int, total: int, what: str, max_length: int) -> None:
+    """Say how many of ``total`` ``what`` (e.g. "train conversations") did not fit."""
+    if truncated:
+        log.warning(
+            "%d of %d %s longer than max_length=%d tokens: truncated, the prompt first (from its "
+            "start), never the template",
+            truncated,
+            total,
+            what,
+            max_length,
+        )
 
 
 def _encode(

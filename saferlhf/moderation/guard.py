@@ -16,6 +16,7 @@ class GuardedAnswer:
     status: str  # accepted | resampled | refused
     attempts: int  # responses sampled for this prompt
     severities: list[int] = field(default_factory=list)  # the moderator's severity for each attempt
+    truncated: bool = False  # some attempt was longer than the moderator's max_length
 
 
 def guarded_generate(
@@ -39,6 +40,7 @@ def guarded_generate(
             answer = answers[index]
             answer.attempts += 1
             answer.severities.append(verdict.severity)
+            answer.truncated |= verdict.truncated
             if verdict.flagged:
                 still_flagged.append(index)
             else:

@@ -3,7 +3,10 @@
 With ``guard.moderation`` every response is moderated; one flagged above
 ``guard.max_severity`` is resampled up to ``guard.retries`` times, then replaced by
 ``guard.refusal``. ``generations.jsonl`` records each prompt's response, status (accepted,
-resampled, refused), attempts and the moderator's severity per attempt.
+resampled, refused), attempts, the moderator's severity per attempt and whether the moderator
+saw a truncated conversation (its response is still judged whole). A prompt longer than
+``model.max_length - task.sampling.max_new_tokens`` keeps the template and its end;
+``generate/truncated_prompts`` and ``generate/truncated_moderated`` count both kinds.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from saferlhf.data.collate import tokenize_prompts
+from saferlhf.data.collate import encode_prompts, log_truncated
 from saferlhf.data.sources import load_data
 from saferlhf.data.views import prompts as distinct_prompts
 from saferlhf.evaluate.gold import gold_metrics
@@ -46,10 +49,13 @@ def generate_task(run: RunContext) -> TaskResult:
     policy = AutoModelForCausalLM.from_pretrained(cfg.policy_path).eval()
     prompts = _prompts(cfg)
     max_prompt = cfg.model.max_length - task.sampling.max_new_tokens
+    encoded = encode_prompts(tokenizer, prompts, max_prompt)
+    log_truncated(encoded.num_truncated, len(prompts), "prompts", max_prompt)
+    prompt_ids = dict(zip(prompts, encoded.examples, strict=True))
     torch.manual_seed(task.seed)
 
     def sample(batch: list[str]) -> list[str]:
-        ids = tokenize_prompts(tokenizer, batch, max_prompt)
+        ids = [prompt_ids[prompt] for prompt in batch]
         return decode_responses(
             tokenizer, sample_responses(policy, tokenizer, ids, **task.sampling)
         )
@@ -73,6 +79,9 @@ def generate_task(run: RunContext) -> TaskResult:
     statuses = Counter(a.status for a in answers)
     metrics = {f"generate/{status}_rate": n / len(answers) for status, n in statuses.items()}
     metrics["generate/mean_attempts"] = sum(a.attempts for a in answers) / len(answers)
+    metrics["generate/truncated_prompts"] = encoded.num_truncated
+    if cfg.guard.moderation:
+        metrics["generate/truncated_moderated"] = sum(a.truncated for a in answers)
     if cfg.data.source == "benchmark" and not task.prompts_file:
         gold = gold_metrics([a.prompt for a in answers], [a.response for a in answers])
         metrics |= {f"generate/gold/{name}": value for name, value in gold.items()}

@@ -8,6 +8,9 @@ holdout picks the best checkpoint (``task.monitor``) and then one probability th
 category (best F1); the test split gives the reported ``test/*`` metrics. The export,
 ``artifacts/moderation``, is a plain ``AutoModelForSequenceClassification`` folder whose
 ``config.moderation`` holds the thresholds; :class:`saferlhf.moderation.Moderator` loads it.
+An item longer than ``model.max_length`` keeps its response's end (the heads read the last
+token) and loses the start of its prompt first; ``train/truncated``, ``val/truncated`` and
+``test/truncated`` count them.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from saferlhf.data import views
-from saferlhf.data.collate import pad_sequences, tokenize_conversations
+from saferlhf.data.collate import encode_conversations, log_truncated, pad_sequences
 from saferlhf.data.module import ListDataModule
 from saferlhf.data.schema import HARM_CATEGORIES, SEVERITY_LEVELS
 from saferlhf.data.sources import load_data
@@ -224,6 +227,7 @@ class TokenizedItems:
     categories: list[list[float]]  # 19 flags per item, HARM_CATEGORIES order
     severity: list[int]
     is_safe: list[bool]
+    truncated: list[bool]  # longer than max_length, so cut to fit
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -234,6 +238,7 @@ class TokenizedItems:
             [self.categories[i] for i in indices],
             [self.severity[i] for i in indices],
             [self.is_safe[i] for i in indices],
+            [self.truncated[i] for i in indices],
         )
 
     def __getitem__(self, i: int) -> dict:
@@ -254,13 +259,15 @@ class TokenizedItems:
 def tokenized_items(
     items: Sequence[views.QAItem], tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> TokenizedItems:
+    encoded = encode_conversations(
+        tokenizer, [i.prompt for i in items], [i.response for i in items], max_length
+    )
     return TokenizedItems(
-        input_ids=tokenize_conversations(
-            tokenizer, [i.prompt for i in items], [i.response for i in items], max_length
-        ),
+        input_ids=encoded.examples,
         categories=[[float(name in i.categories) for name in HARM_CATEGORIES] for i in items],
         severity=[i.severity for i in items],
         is_safe=[i.is_safe for i in items],
+        truncated=encoded.truncated,
     )
 
 
@@ -506,6 +513,10 @@ def moderation_task(run: RunContext) -> TaskResult:
     test = tokenized_items(views.qa_items(loaded.splits["test"]), tokenizer, max_length)
     train_ids, holdout_ids = holdout_split(len(items), task.val_fraction, cfg.seed)
     train, holdout = items.subset(train_ids), items.subset(holdout_ids)
+    truncated = {}
+    for name, split in (("train", train), ("val", holdout), ("test", test)):
+        truncated[f"{name}/truncated"] = sum(split.truncated)
+        log_truncated(sum(split.truncated), len(split), f"{name} items", max_length)
 
     pos_weight, severity_weight = CLASS_BALANCE[task.class_balance](
         train.category_targets(), train.severity_targets()
@@ -536,4 +547,4 @@ def moderation_task(run: RunContext) -> TaskResult:
             confusion, Path(run.run_dir), test_metrics["test/severity_accuracy"]
         )
     metrics = {name: float(value) for name, value in (val_metrics | test_metrics).items()}
-    return TaskResult(metrics=metrics, artifacts=artifacts)
+    return TaskResult(metrics=metrics | truncated, artifacts=artifacts)

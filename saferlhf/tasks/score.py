@@ -5,6 +5,10 @@ Bradley-Terry loss; the cost model learns ``safer_response_id`` plus the safe/un
 each response (Safe RLHF, arXiv 2310.12773, section 3.2). Both validate on the test split every
 epoch, keep the best checkpoint by ``task.monitor``, and export it as a Hugging Face
 ``AutoModelForSequenceClassification`` folder: ``artifacts/reward`` or ``artifacts/cost``.
+The score is read at the last token, so a conversation longer than ``model.max_length`` keeps
+its response's end and loses the start of its prompt first
+(:func:`saferlhf.data.collate.keep_response_end`); ``train/truncated`` and ``val/truncated``
+count the conversations cut.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from transformers import PreTrainedModel
 
 from saferlhf.data import views
 from saferlhf.data.augment import corrupted_pairs
-from saferlhf.data.collate import tokenize_conversations
+from saferlhf.data.collate import encode_conversations, log_truncated
 from saferlhf.data.module import ListDataModule, PairCollator, TokenizedPairs
 from saferlhf.data.sources import load_data
 from saferlhf.evaluate.metrics import pairwise_accuracy, sign_accuracy, spearman
@@ -166,12 +170,12 @@ class ScoreModule(pl.LightningModule):
         )
 
 
-def tokenized_pairs(
+def encode_pairs(
     cfg: DictConfig, objective: str, rows, tokenizer, corrupted_fraction: float = 0.0
-) -> TokenizedPairs:
+) -> tuple[TokenizedPairs, int]:
     """Tokenize the view a stage learns from: preference pairs (reward), plus pairs that rank a
     response above a corrupted copy of itself (``corrupted_fraction`` of their number), or
-    safety pairs (cost)."""
+    safety pairs (cost). Also returns how many conversations (two per pair) were truncated."""
     max_length = cfg.model.max_length
     if objective == "reward":
         pairs = views.preference_pairs(rows)
@@ -186,15 +190,25 @@ def tokenized_pairs(
             [float(p.unsafer_sign) for p in pairs],
         )
     prompts = [p.prompt for p in pairs]
+    first = encode_conversations(tokenizer, prompts, firsts, max_length)
+    second = encode_conversations(tokenizer, prompts, seconds, max_length)
     field = GOLD_FIELD[objective]
-    return TokenizedPairs(
-        first=tokenize_conversations(tokenizer, prompts, firsts, max_length),
-        second=tokenize_conversations(tokenizer, prompts, seconds, max_length),
+    tokenized = TokenizedPairs(
+        first=first.examples,
+        second=second.examples,
         first_sign=first_sign,
         second_sign=second_sign,
         first_gold=gold_scores(cfg.data, prompts, firsts, field),
         second_gold=gold_scores(cfg.data, prompts, seconds, field),
     )
+    return tokenized, first.num_truncated + second.num_truncated
+
+
+def tokenized_pairs(
+    cfg: DictConfig, objective: str, rows, tokenizer, corrupted_fraction: float = 0.0
+) -> TokenizedPairs:
+    """:func:`encode_pairs`' pairs alone."""
+    return encode_pairs(cfg, objective, rows, tokenizer, corrupted_fraction)[0]
 
 
 def score_task(run: RunContext) -> TaskResult:
@@ -218,8 +232,13 @@ def score_task(run: RunContext) -> TaskResult:
             "task.corrupted_pairs is for reward models: a corrupted copy of an unsafe answer may "
             "or may not still be unsafe, so it has no cost label"
         )
-    train = tokenized_pairs(cfg, objective, loaded.splits["train"], tokenizer, task.corrupted_pairs)
-    val = tokenized_pairs(cfg, objective, loaded.splits["test"], tokenizer)  # as annotated
+    train, train_truncated = encode_pairs(
+        cfg, objective, loaded.splits["train"], tokenizer, task.corrupted_pairs
+    )
+    # The validation pairs as annotated: no corrupted copies.
+    val, val_truncated = encode_pairs(cfg, objective, loaded.splits["test"], tokenizer)
+    log_truncated(train_truncated, 2 * len(train), "train conversations", cfg.model.max_length)
+    log_truncated(val_truncated, 2 * len(val), "validation conversations", cfg.model.max_length)
 
     module = ScoreModule(model, objective, task.lr, task.weight_decay, task.warmup_ratio, task.reg)
     data = ListDataModule(
@@ -231,6 +250,6 @@ def score_task(run: RunContext) -> TaskResult:
     if fit.trainer.is_global_zero:
         save_artifact(module.model, tokenizer, artifact)
     return TaskResult(
-        metrics=fit.metrics,
+        metrics=fit.metrics | {"train/truncated": train_truncated, "val/truncated": val_truncated},
         artifacts={objective: str(artifact), "checkpoint": fit.best_checkpoint},
     )

@@ -3,7 +3,10 @@
 Prompt tokens are masked from the loss, so the policy learns to answer, not to ask. The data
 are the distinct (prompt, response) items of the train split: on PKU-SafeRLHF and the embedded
 benchmark a mixture of safe and unsafe answers, as the Alpaca models the paper starts from.
-Exports the best checkpoint (lowest ``val/loss``) as ``artifacts/policy``.
+A conversation longer than ``model.max_length`` loses the start of its prompt, never the
+response it learns from (:func:`saferlhf.data.collate.keep_response_start`); ``train/truncated``
+and ``val/truncated`` count them. Exports the best checkpoint (lowest ``val/loss``) as
+``artifacts/policy``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from transformers import PreTrainedModel
 
-from saferlhf.data.collate import tokenize_sft_examples
+from saferlhf.data.collate import Encoded, encode_sft_examples, log_truncated
 from saferlhf.data.module import LanguageModelingCollator, ListDataModule
 from saferlhf.data.sources import load_data
 from saferlhf.data.views import qa_items
@@ -79,9 +82,9 @@ class SFTModule(pl.LightningModule):
         )
 
 
-def sft_examples(rows, tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
+def sft_examples(rows, tokenizer, max_length: int) -> Encoded[tuple[list[int], list[int]]]:
     items = qa_items(rows)
-    return tokenize_sft_examples(
+    return encode_sft_examples(
         tokenizer, [i.prompt for i in items], [i.response for i in items], max_length
     )
 
@@ -93,15 +96,25 @@ def sft_task(run: RunContext) -> TaskResult:
     model_cfg = model_config(cfg, "policy")
     tokenizer = tokenizer_for(model_cfg, loaded.splits["train"])
     model = build_causal_lm(model_cfg, tokenizer)
-    train = sft_examples(loaded.splits["train"], tokenizer, cfg.model.max_length)
-    val = sft_examples(loaded.splits["test"], tokenizer, cfg.model.max_length)
+    max_length = cfg.model.max_length
+    train = sft_examples(loaded.splits["train"], tokenizer, max_length)
+    val = sft_examples(loaded.splits["test"], tokenizer, max_length)
+    log_truncated(train.num_truncated, len(train.examples), "train conversations", max_length)
+    log_truncated(val.num_truncated, len(val.examples), "validation conversations", max_length)
 
     module = SFTModule(model, task.lr, task.weight_decay, task.warmup_ratio)
     data = ListDataModule(
-        train, val, LanguageModelingCollator(tokenizer.pad_token_id), task.batch_size, cfg.seed
+        train.examples,
+        val.examples,
+        LanguageModelingCollator(tokenizer.pad_token_id),
+        task.batch_size,
+        cfg.seed,
     )
     fit = fit_and_validate_best(run, module, data)
-    metrics = fit.metrics
+    metrics = fit.metrics | {
+        "train/truncated": train.num_truncated,
+        "val/truncated": val.num_truncated,
+    }
 
     artifact = Path(run.run_dir) / "artifacts" / "policy"
     if fit.trainer.is_global_zero:
