@@ -75,15 +75,23 @@ class RowError(UserError, ValueError):
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.source}, row {self.row}, field '{self.field}': {self.reason}"
+        where = f"{self.source}, row {self.row}"
+        if self.field:  # empty when the row as a whole is unreadable (not JSON, not an object)
+            where += f", field '{self.field}'"
+        return f"{where}: {self.reason}"
 
 
 def empty_harm_categories() -> dict[str, bool]:
     return {name: False for name in HARM_CATEGORIES}
 
 
-def _type_name(value: Any) -> str:
-    return type(value).__name__
+SHOWN_CHARS = 60  # of a bad value in an error message
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, cut short enough for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
 
 
 def _check_type(row: Mapping[str, Any], field: str, expected: type) -> str | None:
@@ -91,10 +99,8 @@ def _check_type(row: Mapping[str, Any], field: str, expected: type) -> str | Non
         return "missing required field"
     value = row[field]
     # bool is an int subclass: an int field must not accept True/False, and vice versa.
-    if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
-        return f"expected int, got {_type_name(value)} {value!r}"
-    if expected is not int and not isinstance(value, expected):
-        return f"expected {expected.__name__}, got {_type_name(value)}"
+    if (expected is int and isinstance(value, bool)) or not isinstance(value, expected):
+        return f"expected {expected.__name__}, got {type(value).__name__} {shown(value)}"
     return None
 
 

@@ -1,25 +1,37 @@
 """Turn ``cfg.data`` into a validated ``datasets.DatasetDict`` with ``train`` and ``test`` splits.
 
 Three sources, one contract: the Hugging Face hub (``datasets.load_dataset``), local files in
-the hub schema (jsonl, json, parquet, csv; the same ``datasets`` builders), and the embedded
-benchmark. Every row is validated against :mod:`saferlhf.data.schema`; a bad row raises an
-error naming the file, the row and the field, or with ``on_bad_row=skip`` is dropped and
-recorded in ``skipped_rows.jsonl``.
+the hub schema (jsonl, json, parquet, csv) and the embedded benchmark. Every source is read into
+rows exactly as written, each with the number a user finds it under; every row is validated
+against :mod:`saferlhf.data.schema` (types are checked, never converted), and the valid rows
+become a ``datasets.Dataset`` with the row kind's explicit features. A bad row raises an error
+naming the file, the row and the field, or with ``on_bad_row=skip`` is dropped and recorded,
+as it was read, in ``skipped_rows.jsonl``.
+
+Why JSON and CSV files are not read by the ``datasets`` builders: the json builder turns a
+column that mixes types into a JSON column and decodes its strings (a prompt ``"42"`` becomes
+the number 42, ``"null"`` becomes None), or with explicit features converts 3 into ``"3"``; the
+csv builder lets pandas guess types (a prompt ``"None"`` becomes NaN). Parquet files and hub
+datasets keep the builders: their columns are typed as stored.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
+import re
 import socket
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import datasets
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError
 
 from saferlhf.data import benchmark, schema
 from saferlhf.errors import UserError
@@ -27,12 +39,50 @@ from saferlhf.errors import UserError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
-FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+FILE_TYPES = (".jsonl", ".json", ".parquet", ".csv")
 ON_BAD_ROW = ("raise", "skip")
+EXAMPLES_SHOWN = 3  # example row numbers in the repeated-rows warnings
 
 
 class DataSourceError(UserError):
-    """The configured data cannot be loaded; the message says which config key to change."""
+    """The configured data cannot be loaded; the message says which file or config key to fix."""
+
+
+@dataclass
+class ReadRow:
+    """One row as read, before validation.
+
+    ``number`` is where a user finds it: the line number in JSON Lines and CSV files (the CSV
+    header is line 1), the position from 1 in JSON arrays, parquet files and hub splits.
+    ``data`` is the row as written (a dict, or the text of a line that is not one);
+    ``problem`` is set when the row could not be read as a row at all.
+    """
+
+    number: int
+    data: Any
+    problem: tuple[str, str] | None = None
+
+
+@dataclass
+class Part:
+    """The rows of one file or hub split. ``text_cells``: every value is text (CSV), so the
+    schema's int, bool and dict fields are read from their text."""
+
+    source: str
+    columns: list[str]
+    rows: list[ReadRow]
+    text_cells: bool = False
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a row was read: its file or hub split, and its row number there."""
+
+    source: str
+    row: int
+
+    def __str__(self) -> str:
+        return f"{self.source}, row {self.row}"
 
 
 @dataclass
@@ -41,19 +91,38 @@ class SkippedRow:
     row: int
     field: str
     reason: str
-    data: dict[str, Any]
+    data: Any  # the row as read from the source
+
+    def message(self) -> str:
+        return str(schema.RowError(self.source, self.row, self.field, self.reason))
+
+
+@dataclass
+class Repeats:
+    """Rows that repeat: within a split (every schema field equal to an earlier row's), and
+    test prompts that are also train prompts, with a few ``source, row`` examples of each."""
+
+    duplicate_rows: dict[str, int]
+    duplicate_examples: dict[str, list[str]]
+    shared_prompts: int  # distinct test prompts also found in train
+    shared_prompt_test_rows: int  # test rows whose prompt is also a train prompt
+    shared_prompt_examples: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 @dataclass
 class LoadedData:
-    """The validated splits, their row kind, and every row that was skipped on the way."""
+    """The validated splits, their row kind, every row skipped on the way, and repeated rows."""
 
     splits: datasets.DatasetDict
     kind: str
-    skipped: list[SkippedRow] = field(default_factory=list)
+    skipped: list[SkippedRow]
+    repeats: Repeats
 
     def write_skipped(self, run_dir: Path) -> Path | None:
-        """Write each skipped row with its reason to ``run_dir/skipped_rows.jsonl``."""
+        """Write each skipped row, as read, with its reason to ``run_dir/skipped_rows.jsonl``."""
         if not self.skipped:
             return None
         path = Path(run_dir) / "skipped_rows.jsonl"
@@ -69,9 +138,7 @@ def load_data(data_cfg: Mapping[str, Any]) -> LoadedData:
         raise DataSourceError(
             f"data.on_bad_row={data_cfg['on_bad_row']!r}: expected one of {ON_BAD_ROW}"
         )
-    loaders: dict[
-        str, Callable[[Mapping[str, Any]], dict[str, list[tuple[str, datasets.Dataset]]]]
-    ] = {
+    loaders: dict[str, Callable[[Mapping[str, Any]], dict[str, list[Part]]]] = {
         "benchmark": _benchmark_parts,
         "hub": _hub_parts,
         "local": _local_parts,
@@ -81,97 +148,261 @@ def load_data(data_cfg: Mapping[str, Any]) -> LoadedData:
             f"data.source={data_cfg['source']!r}: expected one of {sorted(loaders)}"
         )
     parts = loaders[data_cfg["source"]](data_cfg)
+    for part in (part for split_parts in parts.values() for part in split_parts):
+        if not part.rows:
+            raise DataSourceError(f"{part.source}: empty, no rows to read")
     kind = _resolve_kind(data_cfg, parts)
     skipped: list[SkippedRow] = []
-    splits = {}
+    rows: dict[str, list[dict[str, Any]]] = {}
+    origins: dict[str, list[Origin]] = {}
     for split, split_parts in parts.items():
-        valid = [
-            _validate(ds, kind, source, data_cfg["on_bad_row"], skipped)
-            for source, ds in split_parts
-        ]
-        splits[split] = datasets.concatenate_datasets(valid) if len(valid) > 1 else valid[0]
-    if "test" not in splits:
-        halves = splits["train"].train_test_split(test_size=data_cfg["test_fraction"], seed=0)
-        splits = {"train": halves["train"], "test": halves["test"]}
+        rows[split], origins[split] = [], []
+        for part in split_parts:
+            for number, row in _validate(part, kind, data_cfg["on_bad_row"], skipped):
+                rows[split].append(row)
+                origins[split].append(Origin(part.source, number))
+        if not rows[split]:
+            raise DataSourceError(_no_usable_rows(split, split_parts, skipped))
+    if "test" not in rows:
+        rows, origins = _carve_test(rows["train"], origins["train"], data_cfg)
     if skipped:
         log.warning("skipped %d invalid rows (data.on_bad_row=skip)", len(skipped))
-    return LoadedData(datasets.DatasetDict(splits), kind, skipped)
+    repeats = find_repeats(rows, origins)
+    _warn_repeats(repeats)
+    features = _features(kind)
+    splits = {split: datasets.Dataset.from_list(rows[split], features=features) for split in SPLITS}
+    return LoadedData(datasets.DatasetDict(splits), kind, skipped, repeats)
 
 
-def _resolve_kind(data_cfg: Mapping[str, Any], parts) -> str:
+def _resolve_kind(data_cfg: Mapping[str, Any], parts: dict[str, list[Part]]) -> str:
     kind = data_cfg["kind"]
     if kind == "auto":
-        source, first = parts["train"][0]
-        kind = schema.detect_kind(_columns(first))
-        log.info("data.kind=auto: %s has %s rows", source, kind)
+        first = parts["train"][0]
+        kind = schema.detect_kind(first.columns)
+        if kind == schema.SINGLE and _selected_preference(data_cfg) != "single":
+            # Without this a dual-preference file that lost one column trains as another kind.
+            raise DataSourceError(
+                f"{first.source}: no column 'safer_response_id', which dual-preference rows "
+                "(preference=dual, the default) need; add it, or run with preference=single "
+                "(or data.kind=single) to use these rows as single-preference data"
+            )
+        log.info("data.kind=auto: %s has %s rows", first.source, kind)
     if kind not in schema.ROW_KINDS:
         raise DataSourceError(f"data.kind={kind!r}: expected auto or one of {schema.ROW_KINDS}")
     return kind
 
 
-def _columns(rows: datasets.Dataset | list[dict[str, Any]]) -> list[str]:
-    if isinstance(rows, datasets.Dataset):
-        return rows.column_names
-    return list(rows[0]) if rows else []
+def _selected_preference(data_cfg: Mapping[str, Any]) -> str | None:
+    """``preference.name`` of the run config whose ``data`` node this is (None outside one)."""
+    if not isinstance(data_cfg, DictConfig):
+        return None
+    try:
+        return OmegaConf.select(data_cfg, "..preference.name", default=None)
+    except ConfigKeyError:  # a data config on its own, not inside a run config
+        return None
+
+
+def _features(kind: str) -> datasets.Features:
+    """The row kind's schema as ``datasets`` features; other columns are not kept."""
+    categories = {name: datasets.Value("bool") for name in schema.HARM_CATEGORIES}
+    arrow = {
+        str: datasets.Value("string"),
+        int: datasets.Value("int64"),
+        bool: datasets.Value("bool"),
+    }
+    return datasets.Features(
+        {
+            name: categories if expected is dict else arrow[expected]
+            for name, expected in schema.REQUIRED_FIELDS[kind].items()
+        }
+    )
 
 
 def _validate(
-    rows: datasets.Dataset | list[dict[str, Any]],
-    kind: str,
-    source: str,
-    on_bad_row: str,
-    skipped: list[SkippedRow],
-) -> datasets.Dataset:
-    """Check every row; raise on the first bad one, or drop and record bad ones (skip)."""
-    missing = [f for f in schema.REQUIRED_FIELDS[kind] if f not in _columns(rows)]
+    part: Part, kind: str, on_bad_row: str, skipped: list[SkippedRow]
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(number, row)`` for every valid row, holding the schema's fields; raise on the first bad
+    row, or (skip) record each bad row as it was read."""
+    missing = [f for f in schema.REQUIRED_FIELDS[kind] if f not in part.columns]
     if missing and on_bad_row == "raise":
         # A whole column is absent: report it once, at the first row, not for every row.
-        raise schema.RowError(source, 1, missing[0], "missing required field (no such column)")
-    keep = []
-    for index, row in enumerate(rows):
-        problem = schema.row_problem(_normalise(row, kind), kind)
+        first = part.rows[0].number
+        raise schema.RowError(
+            part.source, first, missing[0], "missing required field (no such column)"
+        )
+    for read in part.rows:
+        row, problem = None, read.problem
         if problem is None:
-            keep.append(index)
+            row, problem = _typed(read.data, kind, part.text_cells)
+        if problem is None:
+            row = _normalise(row, kind)
+            problem = schema.row_problem(row, kind)
+        if problem is None:
+            yield read.number, {name: row[name] for name in schema.REQUIRED_FIELDS[kind]}
         elif on_bad_row == "raise":
-            raise schema.RowError(source, index + 1, *problem)
+            raise schema.RowError(part.source, read.number, *problem)
         else:
-            skipped.append(SkippedRow(source, index + 1, *problem, data=row))
-    if isinstance(rows, list):
-        return datasets.Dataset.from_list([_normalise(rows[i], kind) for i in keep])
-    if len(keep) < len(rows):
-        rows = rows.select(keep)
-    if _needs_normalising(rows, kind):
-        rows = rows.map(lambda row: _normalise(row, kind), features=None)
-    return rows
+            skipped.append(SkippedRow(part.source, read.number, *problem, data=read.data))
 
 
-def _needs_normalising(ds: datasets.Dataset, kind: str) -> bool:
-    """True when a column holds a JSON string for a dict or floats for an int (CSV, JSON)."""
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
+_BOOL_TEXT = {"true": True, "false": False}
+
+
+def _typed(
+    data: Any, kind: str, text_cells: bool
+) -> tuple[dict[str, Any] | None, tuple[str, str] | None]:
+    """The row with its schema fields as Python values, or the problem that prevents it.
+
+    Text cells (CSV) are read strictly: an int field holds an integer's digits, a bool field
+    true or false (any case), a dict field a JSON object; an empty cell is a missing value;
+    string fields stay exactly as written. Values of typed sources are taken as they are.
+    """
+    if not isinstance(data, dict):
+        return None, ("", f"expected a JSON object, got {type(data).__name__}")
+    if not text_cells:
+        return data, None
+    row = dict(data)
     for name, expected in schema.REQUIRED_FIELDS[kind].items():
-        dtype = getattr(ds.features.get(name), "dtype", None)
-        if (expected is dict and dtype in ("string", "large_string")) or (
-            expected is int and dtype in ("float32", "float64")
-        ):
-            return True
-    return False
+        text = data.get(name)
+        if expected is str or text is None:
+            continue
+        if text == "":
+            row[name] = None
+        elif expected is int and _INTEGER_TEXT.fullmatch(text):
+            row[name] = int(text)
+        elif expected is bool and text.lower() in _BOOL_TEXT:
+            row[name] = _BOOL_TEXT[text.lower()]
+        elif expected is dict and (value := _json_object(text)) is not None:
+            row[name] = value
+        else:
+            wanted = {int: "an integer", bool: "true or false", dict: "a JSON object"}[expected]
+            return None, (name, f"expected {wanted}, got the text {schema.shown(text)}")
+    return row, None
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _normalise(row: dict[str, Any], kind: str) -> dict[str, Any]:
-    """Undo what file formats do to hub rows: JSON-encoded dicts in CSV, 1.0 for 1 in JSON,
-    and the ``None`` that arrow puts into a struct for category names another row used."""
+    """A float with no fraction is that integer (JSON has one number type, and pandas writes 2.0
+    for 2 in a column with gaps); a harm category without a value (arrow's None for a name
+    another row used) is absent."""
     row = dict(row)
     for name, expected in schema.REQUIRED_FIELDS[kind].items():
         value = row.get(name)
-        if expected is dict and isinstance(value, str):
-            try:
-                row[name] = json.loads(value)
-            except json.JSONDecodeError:
-                pass
-        elif expected is int and isinstance(value, float) and value.is_integer():
+        if expected is int and isinstance(value, float) and value.is_integer():
             row[name] = int(value)
-        if expected is dict and isinstance(row[name], dict):
-            row[name] = {k: v for k, v in row[name].items() if v is not None}
+        elif expected is dict and isinstance(value, dict):
+            row[name] = {k: v for k, v in value.items() if v is not None}
     return row
+
+
+def _no_usable_rows(split: str, split_parts: list[Part], skipped: list[SkippedRow]) -> str:
+    sources = [part.source for part in split_parts]
+    first = next(s for s in skipped if s.source in sources)  # every row of the split was skipped
+    return (
+        f"no usable rows in the {split} split: all {sum(len(p.rows) for p in split_parts)} rows "
+        f"of {', '.join(sources)} are invalid (data.on_bad_row=skip skipped them); the first: "
+        f"{first.message()}"
+    )
+
+
+def _carve_test(
+    train: list[dict[str, Any]], origins: list[Origin], data_cfg: Mapping[str, Any]
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[Origin]]]:
+    """Split one file's rows into train and test by ``data.test_fraction`` (seeded by datasets),
+    keeping where each row came from."""
+    positions = datasets.Dataset.from_dict({"position": range(len(train))})
+    try:
+        halves = positions.train_test_split(test_size=data_cfg["test_fraction"], seed=0)
+    except ValueError as err:
+        raise DataSourceError(
+            f"data.test_fraction={data_cfg['test_fraction']}: cannot split the {len(train)} "
+            f"usable rows of {origins[0].source} into train and test ({err})"
+        ) from err
+    rows, kept = {}, {}
+    for split in SPLITS:
+        chosen = halves[split]["position"]
+        rows[split] = [train[i] for i in chosen]
+        kept[split] = [origins[i] for i in chosen]
+    return rows, kept
+
+
+# -- repeated rows and prompts ---------------------------------------------------------------
+
+
+def find_repeats(
+    rows: Mapping[str, list[dict[str, Any]]], origins: Mapping[str, list[Origin]]
+) -> Repeats:
+    """Rows equal to an earlier row of their split, and test prompts that train has too."""
+    duplicates, duplicate_examples = {}, {}
+    for split, split_rows in rows.items():
+        first_seen: dict[str, int] = {}
+        count, examples = 0, []
+        for i, row in enumerate(split_rows):
+            key = json.dumps(row, sort_keys=True)
+            if key not in first_seen:
+                first_seen[key] = i
+                continue
+            count += 1
+            if len(examples) < EXAMPLES_SHOWN:
+                examples.append(f"{origins[split][i]} repeats {origins[split][first_seen[key]]}")
+        duplicates[split], duplicate_examples[split] = count, examples
+    train_prompts: dict[str, int] = {}
+    for i, row in enumerate(rows["train"]):
+        train_prompts.setdefault(row["prompt"], i)
+    shared: set[str] = set()
+    test_rows, shared_examples = 0, []
+    for i, row in enumerate(rows["test"]):
+        prompt = row["prompt"]
+        if prompt not in train_prompts:
+            continue
+        test_rows += 1
+        if prompt not in shared and len(shared_examples) < EXAMPLES_SHOWN:
+            train_origin = origins["train"][train_prompts[prompt]]
+            shared_examples.append(f"{origins['test'][i]} has the prompt of {train_origin}")
+        shared.add(prompt)
+    return Repeats(duplicates, duplicate_examples, len(shared), test_rows, shared_examples)
+
+
+def _warn_repeats(repeats: Repeats) -> None:
+    for split, count in repeats.duplicate_rows.items():
+        if count:
+            log.warning(
+                "%s split: %d rows repeat an earlier row exactly (e.g. %s)",
+                split, count, "; ".join(repeats.duplicate_examples[split]),
+            )  # fmt: skip
+    if repeats.shared_prompts:
+        log.warning(
+            "%d test prompts are also train prompts (%d test rows; e.g. %s): test metrics on them "
+            "measure recall of training data",
+            repeats.shared_prompts,
+            repeats.shared_prompt_test_rows,
+            "; ".join(repeats.shared_prompt_examples),
+        )
+
+
+# -- datasets (hub splits, parquet files) ----------------------------------------------------
+
+
+def _dataset_part(source: str, ds: datasets.Dataset) -> Part:
+    """The rows of a ``datasets.Dataset`` whose columns are typed as stored."""
+    schema_fields = {name for fields in schema.REQUIRED_FIELDS.values() for name in fields}
+    for name, feature in ds.features.items():
+        if name in schema_fields and isinstance(feature, datasets.Json):
+            raise DataSourceError(
+                f"{source}: column '{name}' mixes JSON types, so the datasets json reader "
+                "decoded its strings (a prompt '42' would arrive as the number 42); download "
+                "the files and run with data=local data.path=DIR, which checks every row as "
+                "written"
+            )
+    return Part(source, ds.column_names, [ReadRow(i + 1, row) for i, row in enumerate(ds)])
 
 
 # -- the embedded benchmark ------------------------------------------------------------------
@@ -199,7 +430,9 @@ def _benchmark_parts(data_cfg):
             )
         elif kind == schema.QA:
             split_rows = qa_rows_from_preference(split_rows)
-        parts[split] = [(f"benchmark[{split}]", datasets.Dataset.from_list(split_rows))]
+        columns = list(split_rows[0]) if split_rows else []
+        read = [ReadRow(i + 1, row) for i, row in enumerate(split_rows)]
+        parts[split] = [Part(f"benchmark[{split}]", columns, read)]
     return parts
 
 
@@ -232,7 +465,7 @@ def _hub_parts(data_cfg):
         except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as err:
             reason = "HF_HUB_OFFLINE=1 and it is not in the local cache" if offline else str(err)
             raise DataSourceError(_offline_message(name, reason)) from err
-        parts[split] = [(f"{name}[{data_cfg['split'][split]}]", ds)]
+        parts[split] = [_dataset_part(f"{name}[{data_cfg['split'][split]}]", ds)]
     return parts
 
 
@@ -267,59 +500,129 @@ def _local_parts(data_cfg):
     if not path.exists():
         raise DataSourceError(f"data.path={str(path)!r} does not exist")
     if path.is_file():
-        return {"train": [(str(path), _load_file(path))]}  # load_data carves out the test share
+        return {"train": [read_file(path)]}  # load_data carves out the test share
     parts = {}
     for split in SPLITS:
         files = _split_files(path, data_cfg["split"][split])
         if not files:
             raise DataSourceError(
                 f"data.path={str(path)!r} has no {split} file: expected {data_cfg['split'][split]}*"
-                f"{{{','.join(FILE_BUILDERS)}}} in it or below it (data.split.{split} names the prefix)"
+                f"{{{','.join(FILE_TYPES)}}} in it or below it (data.split.{split} names the prefix)"
             )
-        parts[split] = [(str(f), _load_file(f)) for f in files]
+        parts[split] = [read_file(f) for f in files]
     return parts
 
 
 def _split_files(directory: Path, prefix: str) -> list[Path]:
     return sorted(
-        p for p in directory.rglob(f"{prefix}*") if p.is_file() and p.suffix in FILE_BUILDERS
+        p for p in directory.rglob(f"{prefix}*") if p.is_file() and p.suffix in FILE_TYPES
     )
 
 
-def _load_file(path: Path) -> datasets.Dataset | list[dict[str, Any]]:
-    """Load one file with the ``datasets`` builder for its suffix.
-
-    Arrow infers one type per column, so a JSON row with a wrong type (a string severity, say)
-    makes the builder fail without saying where. Those files are re-read as plain rows, which
-    validation then reports by row number and field.
-    """
-    builder = FILE_BUILDERS.get(path.suffix)
-    if builder is None:
-        raise DataSourceError(
-            f"{path}: unsupported file type; expected one of {sorted(FILE_BUILDERS)}"
-        )
-    try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as err:
-        if builder != "json":
-            raise DataSourceError(f"{path}: could not be read as {builder}: {err}") from err
-        log.info(
-            "%s: arrow could not infer one type per column (%s); validating row by row", path, err
-        )
-        return _read_json_rows(path)
+def read_file(path: Path) -> Part:
+    """Every row of one local file as written."""
+    readers = {
+        ".jsonl": _read_json_lines,
+        ".json": _read_json,
+        ".csv": _read_csv,
+        ".parquet": _read_parquet,
+    }
+    if path.suffix not in readers:
+        raise DataSourceError(f"{path}: unsupported file type; expected one of {list(FILE_TYPES)}")
+    return readers[path.suffix](path)
 
 
-def _read_json_rows(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text()
-    if text.lstrip().startswith("["):
-        return json.loads(text)
-    rows = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
+def _not_utf8(path: Path, line: int, offset: int, err: UnicodeDecodeError) -> DataSourceError:
+    return DataSourceError(
+        f"{path}, line {line} (byte {offset}): not UTF-8 text ({err.reason}); data files must "
+        "be UTF-8: convert it, e.g. `iconv -f latin1 -t utf-8 FILE > NEW`"
+    )
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 file (a leading byte-order mark dropped); lines end at
+    ``\\n`` only, so a U+2028 inside a JSON string does not split its line."""
+    offset = 0
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise schema.RowError(
-                    str(path), line_number, "<line>", f"not valid JSON: {err}"
-                ) from err
-    return rows
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path, number, offset + err.start, err) from err
+            offset += len(raw)
+            yield number, text
+
+
+def _columns_of(rows: list[ReadRow]) -> list[str]:
+    """Every key of the rows that are objects, in first-seen order."""
+    columns: dict[str, None] = {}
+    for read in rows:
+        if isinstance(read.data, dict):
+            columns.update(dict.fromkeys(read.data))
+    return list(columns)
+
+
+def _read_json_lines(path: Path) -> Part:
+    rows = []
+    for number, text in _text_lines(path):
+        if not text.strip():
+            continue
+        try:
+            rows.append(ReadRow(number, json.loads(text)))
+        except json.JSONDecodeError as err:
+            line = text.rstrip("\r\n")
+            rows.append(ReadRow(number, line, ("", f"this line is not valid JSON ({err})")))
+    return Part(str(path), _columns_of(rows), rows)
+
+
+def _read_json(path: Path) -> Part:
+    """A JSON array of row objects, or (as hub ``.json`` files often are) JSON Lines."""
+    raw = path.read_bytes()
+    if not raw.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        return _read_json_lines(path)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, raw[: err.start].count(b"\n") + 1, err.start, err) from err
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataSourceError(
+            f"{path}, line {err.lineno}, column {err.colno}: not valid JSON ({err.msg})"
+        ) from err
+    rows = [ReadRow(i + 1, value) for i, value in enumerate(values)]
+    return Part(str(path), _columns_of(rows), rows)
+
+
+def _read_csv(path: Path) -> Part:
+    """Every cell as the text it is; row numbers are the line a record starts on."""
+    lines = (text for _, text in _text_lines(path))
+    reader = csv.reader(lines)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return Part(str(path), [], [])
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise DataSourceError(f"{path}, line 1: the header names {repeated} more than once")
+        rows, start = [], reader.line_num + 1
+        for cells in reader:
+            if cells:
+                row = dict(zip(header, cells, strict=False))
+                problem = None
+                if len(cells) != len(header):
+                    problem = ("", f"{len(cells)} cells, but the header has {len(header)} columns")
+                    row = cells
+                rows.append(ReadRow(start, row, problem))
+            start = reader.line_num + 1
+    except csv.Error as err:
+        raise DataSourceError(f"{path}, line {reader.line_num}: not valid CSV ({err})") from err
+    return Part(str(path), header, rows, text_cells=True)
+
+
+def _read_parquet(path: Path) -> Part:
+    try:
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    except Exception as err:  # arrow raises many kinds for a file that is not parquet
+        raise DataSourceError(f"{path}: could not be read as parquet ({err})") from err
+    return _dataset_part(str(path), ds)

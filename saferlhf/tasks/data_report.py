@@ -4,7 +4,8 @@ Prints row counts per split, the harm category × severity distribution of the r
 where both label sets exist for the same pairs (the embedded benchmark), how often the single
 preference label agrees with ``better`` (helpfulness) and with ``safer`` (harmlessness), and how
 often, of the pairs with one safe and one unsafe response, it prefers the unsafe one.
-Writes ``data_report.json`` and ``data_report.png`` into the run dir.
+Also counts rows that repeat an earlier row of their split and test prompts that are also train
+prompts. Writes ``data_report.json`` and ``data_report.png`` into the run dir.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from saferlhf.data import benchmark, schema
-from saferlhf.data.sources import SkippedRow, load_data
+from saferlhf.data.sources import Repeats, SkippedRow, load_data
 from saferlhf.data.views import QAItem, qa_items
 from saferlhf.run import RunContext, TaskResult
 
@@ -109,12 +110,17 @@ def data_report(run: RunContext) -> TaskResult:
         for split, agreement in _benchmark_agreement(cfg.data).items():
             report["splits"][split]["label_agreement"] = agreement
     report["skipped_rows"] = len(loaded.skipped)
+    repeats = loaded.repeats
+    report["repeats"] = repeats.to_dict()
 
     metrics: dict[str, float] = {
         "data/train_rows": len(loaded.splits["train"]),
         "data/test_rows": len(loaded.splits["test"]),
         "data/skipped_rows": len(loaded.skipped),
+        "data/shared_prompts": repeats.shared_prompts,
     }
+    for split, count in repeats.duplicate_rows.items():
+        metrics[f"data/{split}/duplicate_rows"] = count
     for split, entry in report["splits"].items():
         if "harm" in entry:
             metrics[f"data/{split}/unsafe_fraction"] = entry["harm"]["unsafe"] / max(
@@ -135,6 +141,7 @@ def data_report(run: RunContext) -> TaskResult:
     if skipped_file:
         artifacts["skipped_rows"] = str(skipped_file)
     _print_report(report, loaded.skipped, skipped_file)
+    _print_repeats(repeats)
     return TaskResult(metrics, artifacts)
 
 
@@ -183,10 +190,29 @@ def _print_report(report: dict[str, Any], skipped: list[SkippedRow], skipped_fil
         )
         for row in skipped[:SKIPPED_SHOWN]:
             console.print(
-                f"  {row.source}, row {row.row}, field '{row.field}': {row.reason}",
+                f"  {row.message()}",
                 markup=False,
                 soft_wrap=True,
             )
         console.print(
             f"every skipped row with its reason: {skipped_file}", markup=False, soft_wrap=True
+        )
+
+
+def _print_repeats(repeats: Repeats) -> None:
+    console = Console()
+    for split, count in repeats.duplicate_rows.items():
+        if count:
+            examples = "; ".join(repeats.duplicate_examples[split])
+            console.print(
+                f"{split}: {count} rows repeat an earlier row (e.g. {examples})",
+                markup=False,
+                soft_wrap=True,
+            )
+    if repeats.shared_prompts:
+        console.print(
+            f"{repeats.shared_prompts} test prompts ({repeats.shared_prompt_test_rows} test rows) "
+            f"are also train prompts (e.g. {'; '.join(repeats.shared_prompt_examples)})",
+            markup=False,
+            soft_wrap=True,
         )
