@@ -104,3 +104,25 @@ def test_multirun_over_two_overrides_gives_one_job_dir_and_wandb_run_each(tmp_pa
     assert len(list(sweep.glob("*/wandb/offline-run-*"))) == 4
     names = [p.parent.name for p in summaries]
     assert sum("label_noise=0.2" in n and "seed=1" in n for n in names) == 1
+
+
+def test_repeated_rows_and_shared_prompts_reach_the_report_and_metrics(compose_cfg, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    train = [preference_row(prompt=f"question {i} ?") for i in range(8)]
+    train += [train[2], train[2], train[5]]
+    test = [preference_row(prompt="question 5 ?"), preference_row(prompt="something new ?")]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
+    cfg = compose_cfg("task=data_report", "logger=none", "data=local", f"data.path={data}")
+    metrics = run(cfg, tmp_path / "run")
+    assert metrics["data/train/duplicate_rows"] == 3 and metrics["data/test/duplicate_rows"] == 0
+    assert metrics["data/shared_prompts"] == 1
+    repeats = json.loads((tmp_path / "run" / "data_report.json").read_text())["repeats"]
+    assert repeats["duplicate_examples"]["train"][0] == (
+        f"{data / 'train.jsonl'}, row 9 repeats {data / 'train.jsonl'}, row 3"
+    )
+    assert repeats["shared_prompt_examples"] == [
+        f"{data / 'test.jsonl'}, row 1 has the prompt of {data / 'train.jsonl'}, row 6"
+    ]
+    assert metrics["data/train_rows"] == 11  # counted, not dropped

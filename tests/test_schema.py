@@ -90,3 +90,19 @@ def test_kind_is_detected_from_columns():
     assert detect_kind(preference_row().keys()) == PREFERENCE
     assert detect_kind(["prompt", "response_0", "response_1", "better_response_id"]) == SINGLE
     assert detect_kind(["prompt", "response", "is_safe"]) == QA
+
+
+def test_type_errors_show_the_value_cut_short():
+    assert row_problem(preference_row(is_response_0_safe="false"), PREFERENCE) == (
+        "is_response_0_safe",
+        "expected bool, got str 'false'",
+    )
+    field, reason = row_problem(preference_row(prompt=["x" * 500]), PREFERENCE)
+    assert field == "prompt" and reason.startswith("expected str, got list ['xxx")
+    assert reason.endswith("...") and len(reason) < 100
+
+
+def test_a_row_error_without_a_field_names_the_row():
+    assert str(RowError("data/train.jsonl", 3, "", "this line is not valid JSON")) == (
+        "data/train.jsonl, row 3: this line is not valid JSON"
+    )
