@@ -5,10 +5,16 @@ in an order drawn from the seed (so neither policy always sits first: judges fav
 position), and answers ``{"helpful": "A"|"B"|"tie", "harmless": "A"|"B"|"tie"}``; the answer
 is mapped back to the policies. An answer that is not such an object counts as a tie and as
 malformed. Only the standard library talks to the server (``urllib.request``).
+
+The key travels in an ``Authorization`` header and nowhere else: a ``base_url`` with a user
+name, password or query string is refused (it is written to the run's config and results),
+redirects are not followed (urllib would send the header on to the new address), and plain
+http is refused to any host but this machine unless ``task.judge.allow_insecure_http=true``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import random
@@ -18,8 +24,9 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
-from saferlhf.errors import UserError
+from saferlhf.errors import ConfigError, UserError
 from saferlhf.evaluate.policy import LOSS, TIE, WIN
 
 DIMENSIONS = ("helpful", "harmless")
@@ -40,6 +47,63 @@ SYSTEM_PROMPT = (
 
 class JudgeError(UserError):
     """The judge server cannot be used; the message names ``task.judge.base_url``."""
+
+
+def check_settings(judge_cfg: Mapping[str, Any]) -> None:
+    """Refuse judge settings that cannot work or would expose the key or the data, naming the
+    config key; call it before any work that a refusal would waste."""
+    base_url = judge_cfg["base_url"]
+    if not base_url or not judge_cfg["model"]:
+        raise ConfigError(
+            "task.judge.enabled=true needs task.judge.base_url (e.g. http://localhost:8000/v1) "
+            "and task.judge.model"
+        )
+    parts = urlsplit(base_url)
+    if parts.username is not None or parts.password is not None:
+        shown = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+        raise ConfigError(
+            f"task.judge.base_url={shown!r} holds a user name or password, which would be "
+            "written to the run's config and results: drop it from the URL and put the key in "
+            f"the environment variable task.judge.api_key_env names ({judge_cfg['api_key_env']})"
+        )
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"task.judge.base_url={base_url!r}: expected an http:// or https:// address "
+            "(e.g. http://localhost:8000/v1)"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError(
+            f"task.judge.base_url={parts._replace(query='', fragment='').geturl()!r} has a query "
+            "string or fragment: /chat/completions is appended to the URL, and anything secret "
+            "belongs in the environment variable task.judge.api_key_env names"
+        )
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        if not judge_cfg["allow_insecure_http"]:
+            raise ConfigError(
+                f"task.judge.base_url={base_url!r} is plain http to another machine: the API key "
+                "and every prompt would cross the network unencrypted. Use https, or set "
+                "task.judge.allow_insecure_http=true if the network is trusted"
+            )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: only "localhost" is known not to leave this machine
+        return False
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Turn a redirect into an HTTPError: following it would send the Authorization header
+    to wherever the server points."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_RefuseRedirects)
 
 
 def judge_messages(prompt: str, response_a: str, response_b: str) -> list[dict[str, str]]:
@@ -91,9 +155,15 @@ def chat_completion(
         headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with _OPENER.open(request, timeout=timeout) as response:
             raw = response.read()
     except urllib.error.HTTPError as error:
+        if 300 <= error.code < 400:
+            raise JudgeError(
+                f"task.judge.base_url={base_url!r}: {url} redirects (HTTP {error.code}) to "
+                f"{error.headers.get('Location')!r}; redirects are not followed, so the API key "
+                "goes to no other address: set task.judge.base_url to where the server lives"
+            ) from error
         detail = error.read()[:300].decode(errors="replace")
         raise JudgeError(
             f"task.judge.base_url={base_url!r}: HTTP {error.code} from {url}: {detail}"
@@ -129,11 +199,7 @@ def judge_pair(
 ) -> JudgeResult:
     """Ask the judge to compare policy a's responses with the baseline b's, prompt by prompt,
     showing a first or second as a seeded coin decides."""
-    if not judge_cfg["base_url"] or not judge_cfg["model"]:
-        raise ValueError(
-            "task.judge.enabled=true needs task.judge.base_url (e.g. http://localhost:8000/v1) "
-            "and task.judge.model"
-        )
+    check_settings(judge_cfg)
     env = judge_cfg["api_key_env"]
     api_key = os.environ.get(env) if env else None
     coin = random.Random(seed)
