@@ -87,14 +87,25 @@ def keep_response_start(fixed: int, prompt: int, response: int, max_length: int)
 
 
 def response_windows(fixed: int, prompt: int, response: int, max_length: int) -> list[Window]:
-    """For judging harm, so that no part of the response escapes: one window when the response
-    fits beside the template and EOS (the prompt gives way from its start), else windows over
-    the response alone, each as long as fits, half a window apart, the last ending at the
-    response's end. Any run of up to half a window of response tokens then lies whole in one
-    window, and every token is seen."""
+    """For judging harm: the views of a conversation a moderator judges, the worst one counting,
+    so that no part of the response escapes and no prompt talks the moderator out of it.
+
+    - The whole conversation when it fits: one view.
+    - A response that fits beside the template and EOS, but not with the whole prompt: the
+      prompt's end and the response, and the response alone. A cut prompt is not the prompt
+      the model was trained to read, and a long benign stretch of it dilutes the response's
+      harm, so the response is judged without it too.
+    - A longer response: windows over the response alone, each as long as fits, half a window
+      apart, the last ending at the response's end. Every token is seen, and any run of up to
+      half a window of response tokens lies whole in one window.
+    """
     room = _room(fixed, max_length)
+    if prompt + response <= room:
+        return [Window(prompt, 0, response, True)]
     if response <= room:
-        return [Window(min(prompt, room - response), 0, response, True)]
+        alone = Window(0, 0, response, True)
+        kept = room - response
+        return [Window(kept, 0, response, True), alone] if kept else [alone]
     stride = max(1, room // 2)
     starts = [*range(0, response - room, stride), response - room]
     return [Window(0, start, start + room, True) for start in starts]
@@ -243,8 +254,9 @@ def encode_windows(
     responses: Sequence[str],
     max_length: int,
 ) -> Encoded[list[list[int]]]:
-    """Per conversation, the sequences a moderator judges (:func:`response_windows`): one for a
-    conversation that fits once its prompt is cut, overlapping windows for a longer response."""
+    """Per conversation, the sequences a moderator judges, the worst one counting
+    (:func:`response_windows`): the conversation when it fits; else the prompt's end with the
+    response and the response alone; overlapping windows for a response too long for one."""
     segments = segment(tokenizer, prompts, responses)
     eos = tokenizer.eos_token_id
     examples, truncated = [], []

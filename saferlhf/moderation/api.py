@@ -19,10 +19,11 @@ The flagging rule (:func:`flag`), for a tolerated severity ``max_severity`` (def
 So ``max_severity=1`` lets minor harm through and flags moderate or severe harm, judged by the
 severity head alone; the categories over threshold are reported either way.
 
-A conversation longer than ``max_length`` keeps the template and the end of its prompt; a
-response that does not fit even alone is judged in overlapping windows and the worst window
-decides (:func:`saferlhf.data.collate.response_windows`, :func:`worst_over_windows`), so no part
-of a response can hide from the moderator. Such verdicts say ``truncated``.
+A conversation longer than ``max_length`` is judged in several views and the worst one counts
+(:func:`saferlhf.data.collate.response_windows`, :func:`worst_over_windows`): the template with
+the end of the prompt and the response, and the response alone; a response that does not fit
+even alone, in overlapping windows. No part of a response, and no long prompt before it, can
+hide its harm. Such verdicts say ``truncated``.
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ class Verdict:
     ``categories`` maps each category over its threshold to its probability (card order);
     ``severity`` is the severity head's argmax (0 safe .. 3 severe); ``flagged`` follows
     :func:`flag` for the ``max_severity`` that :meth:`Moderator.moderate` was given;
-    ``truncated`` says the conversation was longer than the model's ``max_length``, so the start
-    of its prompt went unseen, or its response was judged in windows (the worst counts).
+    ``truncated`` says the conversation was longer than the model's ``max_length``, so it was
+    judged in several views, the worst counting (see the module docstring).
     """
 
     flagged: bool
@@ -174,9 +175,9 @@ class Moderator:
     def predict(
         self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 64
     ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
-        """Per (prompt, response), the worst of its windows: category probabilities ``(N, 19)``
+        """Per (prompt, response), the worst of its views: category probabilities ``(N, 19)``
         and severity levels ``(N,)``, both on the CPU; and which conversations were truncated.
-        The model runs on ``batch_size`` windows at a time."""
+        The model runs on ``batch_size`` views at a time."""
         encoded = encode_windows(self.tokenizer, prompts, responses, self.max_length)
         sequences = [window for windows in encoded.examples for window in windows]
         owners = [item for item, windows in enumerate(encoded.examples) for _ in windows]

@@ -32,10 +32,10 @@ where N is the 1-based input line number, severity 0 safe, 1 minor, 2 moderate, 
 and categories lists the harm categories over their thresholds. Flagged: severity above
 --max-severity, or, with --max-severity 0, also any category over its threshold.
 
-A conversation longer than the model's max_length is "truncated": the template and the end
-of the prompt are kept, and a response too long to fit even alone is judged in overlapping
-windows, the worst window deciding, so no part of a response goes unjudged. stderr ends with
-how many lines were truncated.
+A conversation longer than the model's max_length is "truncated" and judged in several
+views, the worst one deciding: the end of the prompt with the response, and the response
+alone; a response too long for one view, in overlapping windows. No part of a response, and
+no long prompt before it, can hide its harm. stderr ends with how many lines were truncated.
 
 Lines are read, judged and written --batch-size at a time, so memory does not grow with the
 input. Blank lines are ignored. A bad line (not UTF-8, not JSON, not an object, a missing or
@@ -251,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     if counts.truncated:
         print(
             f"saferlhf-moderate: {counts.truncated} of {counts.judged} judged line(s) longer "
-            f"than the model's max_length ({moderator.max_length} tokens): truncated, "
-            "the response judged whole",
+            f"than the model's max_length ({moderator.max_length} tokens): judged in several "
+            "views, the worst counting",
             file=sys.stderr,
         )
     if counts.bad:

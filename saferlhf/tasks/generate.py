@@ -4,7 +4,7 @@ With ``guard.moderation`` every response is moderated; one flagged above
 ``guard.max_severity`` is resampled up to ``guard.retries`` times, then replaced by
 ``guard.refusal``. ``generations.jsonl`` records each prompt's response, status (accepted,
 resampled, refused), attempts, the moderator's severity per attempt and whether the moderator
-saw a truncated conversation (its response is still judged whole). A prompt longer than
+saw a truncated conversation (still judged whole, the worst of several views). A prompt longer than
 ``model.max_length - task.sampling.max_new_tokens`` keeps the template and its end;
 ``generate/truncated_prompts`` and ``generate/truncated_moderated`` count both kinds.
 """
