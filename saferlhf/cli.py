@@ -83,7 +83,7 @@ def run(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> d
         result = task(RunContext(cfg, run_dir, logger, [StopOnNonFinite(), sigterm, *callbacks]))
         status = "success"
     except SIGTERMException:
-        raise Preempted(sigterm.path if sigterm.saved else None) from None
+        raise Preempted(sigterm.checkpoint) from None
     finally:
         close_logger(logger, status)
     if rank_zero_only.rank == 0:  # under DDP every rank runs the task; one writes the summary
@@ -106,8 +106,8 @@ def preempted_message(stop: Preempted, overrides: Sequence[str], run_dir: str) -
     if stop.checkpoint is None:
         return "stopped by SIGTERM before a checkpoint could be saved; rerun the command"
     return (
-        f"stopped by SIGTERM; the run's state is saved in {stop.checkpoint}; "
-        f"resume with: {resume_command(overrides, run_dir)}"
+        f"stopped by SIGTERM; it resumes from {stop.checkpoint} with: "
+        f"{resume_command(overrides, run_dir)}"
     )
 
 

@@ -4,6 +4,7 @@ and the guards every fit runs with (non-finite training stops; SIGTERM checkpoin
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,6 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
-from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -181,26 +181,39 @@ class StopOnNonFinite(Callback):
 class CheckpointOnSigterm(Callback):
     """On SIGTERM Lightning ends the fit after the current batch by raising SIGTERMException, a
     SystemExit with status 0; save the full state to ``path`` first, at the end of that batch
-    where the periodic checkpoints are taken too, so that ``ckpt_path=last`` resumes from it.
-    A SIGTERM outside a training batch (during validation) saves when the fit stops."""
+    where the periodic checkpoints are taken too, so that ``ckpt_path=last`` resumes exactly.
+
+    A SIGTERM during validation stops the fit mid-validation, a state Lightning does not resume
+    exactly (the epoch's monitored metric is lost), so nothing is saved then: ``checkpoint``
+    names the last one this fit wrote or resumed from, if any."""
 
     def __init__(self, path: Path):
         self.path = path
         self.saved = False
+        self.fit_started = math.inf
+        self.resumed_from: str | None = None
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """The checkpoint that resumes this fit after a SIGTERM, None when there is none."""
+        if self.saved:
+            return self.path
+        if self.path.is_file() and (
+            self.path.stat().st_mtime >= self.fit_started or self.resumed_from == str(self.path)
+        ):
+            return self.path
+        return None
+
+    def on_fit_start(self, trainer, pl_module):
+        self.fit_started = time.time()
+        self.resumed_from = trainer.ckpt_path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not self.saved and trainer.strategy.reduce_boolean_decision(
             trainer.received_sigterm, all=False
         ):
-            self._save(trainer)
-
-    def on_exception(self, trainer, pl_module, exception):
-        if isinstance(exception, SIGTERMException) and not self.saved:
-            self._save(trainer)
-
-    def _save(self, trainer: pl.Trainer) -> None:
-        trainer.save_checkpoint(self.path, weights_only=False)
-        self.saved = True
+            trainer.save_checkpoint(self.path, weights_only=False)
+            self.saved = True
 
 
 def gather_across_ranks(

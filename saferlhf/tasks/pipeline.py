@@ -4,24 +4,51 @@ Each stage is composed from the same config tree with the user's own overrides, 
 stage's overrides, then ``init.*`` paths to the artifacts of earlier stages; it runs in
 ``<run dir>/<stage>/`` with its own logger run and ``summary.json``. The pipeline's
 ``summary.json`` gathers every stage's metrics (as ``<stage>/<metric>``) and artifacts.
+
+Every stage's config is validated before the first stage runs. Rerun into the same run dir, a
+stage is reused when it finished (its summary.json is valid JSON) under the same resolved
+config (its config.yaml) up to ``REUSE_IGNORES``, and no stage it takes artifacts from reran;
+otherwise it reruns and the log says why, naming the first differing key. With
+``ckpt_path=last`` an unfinished stage with the same config resumes from its last.ckpt.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection, Mapping
+from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Any
 
+import yaml
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
+from saferlhf.config import config_leaves, validate_config
+from saferlhf.errors import ConfigError
 from saferlhf.run import RunContext, TaskResult, read_summary
 
 log = logging.getLogger(__name__)
 
 # User overrides that belong to the pipeline itself, not to its stages.
 _PIPELINE_ONLY = ("task", "hydra", "ckpt_path")
+
+# Config keys that do not change a stage's results: where and how it logs, its CPU threads,
+# how it was started and the run's name. The init paths a stage takes from earlier stages are
+# left out too: the stage reruns when one of those stages reran.
+REUSE_IGNORES = (
+    "logger.*",
+    "num_threads",
+    "trainer.enable_progress_bar",
+    "trainer.log_every_n_steps",
+    "task.sample_every",
+    "ckpt_path",
+    "experiment_name",
+)
+_UNSET = object()
 
 
 def _user_overrides() -> list[str]:
@@ -47,29 +74,106 @@ def stage_overrides(stage, artifacts: dict[str, dict[str, str]]) -> list[str]:
 
 def _artifact(artifacts: dict[str, dict[str, str]], source: str, key: str, stage: str) -> str:
     if source not in artifacts or key not in artifacts[source]:
-        raise ValueError(
+        raise ConfigError(
             f"pipeline stage {stage!r} needs the {key!r} artifact of stage {source!r}, run before it"
         )
     return artifacts[source][key]
 
 
+def first_difference(
+    saved: Mapping[str, Any], current: Mapping[str, Any], ignored: Collection[str]
+) -> str | None:
+    """The first dotted key (in sorted order) whose value differs between two resolved
+    configs, with its two values; keys matching a pattern of ``ignored`` do not count."""
+    before, now = dict(config_leaves(saved)), dict(config_leaves(current))
+    for key in sorted(before.keys() | now.keys()):
+        if any(fnmatchcase(key, pattern) for pattern in ignored):
+            continue
+        old, new = before.get(key, _UNSET), now.get(key, _UNSET)
+        if old != new:
+            return f"{key}: {_shown(old)} then, {_shown(new)} now"
+    return None
+
+
+def _shown(value: Any) -> str:
+    return "unset" if value is _UNSET else repr(value)
+
+
+def unfinished_reason(stage_dir: Path) -> str | None:
+    """Why the run in ``stage_dir`` cannot count as finished, or None when its summary.json is
+    whole (a summary cut off by a crash or a full disk counts as unfinished)."""
+    path = stage_dir / "summary.json"
+    if not path.exists():
+        return "it has not finished"
+    try:
+        summary = read_summary(stage_dir)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{path} is cut off or not JSON ({error})"
+    if not isinstance(summary, dict) or not all(
+        isinstance(summary.get(part), dict) for part in ("metrics", "artifacts")
+    ):
+        return f"{path} lacks its metrics or artifacts"
+    return None
+
+
+def config_difference(stage_dir: Path, cfg: DictConfig, ignored: Collection[str]) -> str | None:
+    """How ``cfg`` differs from the config the run in ``stage_dir`` ran with, or None."""
+    path = stage_dir / "config.yaml"
+    if not path.exists():
+        return f"{path} is missing"
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(path))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        return f"{path} cannot be read ({error})"
+    current = OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(cfg, resolve=True)))
+    difference = first_difference(saved, current, ignored)
+    return f"its config differs from {path} at {difference}" if difference else None
+
+
 def pipeline_task(run: RunContext) -> TaskResult:
     from saferlhf.cli import run as run_stage  # the same entry every single-task run goes through
 
+    if run.cfg.ckpt_path not in (None, "last"):
+        raise ConfigError(
+            f"ckpt_path={run.cfg.ckpt_path!r}: a pipeline resumes its stages with ckpt_path=last"
+        )
     console = Console()
     user = _user_overrides()
+    for stage in run.cfg.task.stages:  # refuse a bad value before the first stage trains
+        validate_config(compose(config_name="config", overrides=[*user, *stage.overrides]))
     artifacts: dict[str, dict[str, str]] = {}
     metrics: dict[str, float] = {}
+    reran: set[str] = set()
     for stage in run.cfg.task.stages:
         stage_dir = run.run_dir / stage.name
         console.rule(f"[bold]stage {stage.name}")
-        stage_cfg = compose(
-            config_name="config", overrides=[*user, *stage_overrides(stage, artifacts)]
+        overrides = [*user, *stage_overrides(stage, artifacts)]
+        stage_cfg = compose(config_name="config", overrides=overrides)
+        # The init paths from earlier stages are compared through `sources`.
+        ignored = [
+            *REUSE_IGNORES,
+            *(f"init.{key}" for key in stage.init),
+            *(f"task.policies.{name}" for name in stage.policies),
+        ]
+        sources = sorted({*stage.init.values(), *stage.policies.values()} & reran)
+        unfinished = unfinished_reason(stage_dir)
+        difference = config_difference(stage_dir, stage_cfg, ignored)
+        depends = (
+            f"it takes artifacts of stage {', '.join(sources)}, which reran" if sources else None
         )
-        if (stage_dir / "summary.json").exists():  # finished in an earlier, interrupted run
+        why = "; ".join(reason for reason in (depends, unfinished, difference) if reason)
+        if not why:
             log.info("stage %s already done in %s; reusing it", stage.name, stage_dir)
         else:
+            last = stage_dir / "checkpoints" / "last.ckpt"
+            resumable = not sources and unfinished and difference is None and last.is_file()
+            if run.cfg.ckpt_path == "last" and resumable:
+                log.info("stage %s: resuming it from %s", stage.name, last)
+                stage_cfg = compose(config_name="config", overrides=[*overrides, "ckpt_path=last"])
+            elif stage_dir.exists():
+                log.warning("stage %s: running it again in %s: %s", stage.name, stage_dir, why)
             run_stage(stage_cfg, stage_dir)
+            reran.add(stage.name)
         summary = read_summary(stage_dir)
         artifacts[stage.name] = summary["artifacts"]
         metrics |= {f"{stage.name}/{name}": value for name, value in summary["metrics"].items()}
