@@ -499,7 +499,8 @@ def validate_config(cfg: DictConfig) -> None:
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as error:
-        raise ConfigError(f"{error.full_key}: {error.msg}") from None
+        # OmegaConf adds lines on the node's types after the message that names the key.
+        raise ConfigError(f"{error.full_key}: {str(error.msg).splitlines()[0]}") from None
     for key, value in config_leaves(resolved):
         problem = value_error(key, value)
         if problem:

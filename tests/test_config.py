@@ -6,6 +6,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from saferlhf import CONF_DIR
+from saferlhf.config import POSITIVE, Interval, validate_config, value_error
+from saferlhf.errors import ConfigError
 
 # Each group and a key every option of it must set.
 GROUP_KEYS = {
@@ -101,3 +103,80 @@ def test_a_fixed_lambda_composes_with_every_experiment(compose_cfg, experiment):
 def test_wandb_tags_name_the_task_the_preference_and_the_lambda_rule(compose_cfg):
     cfg = compose_cfg("task=ppo", "lagrange=fixed")
     assert OmegaConf.to_container(cfg.logger, resolve=True)["tags"] == ["ppo", "dual", "fixed"]
+
+
+# -- values validated when the config is composed ---------------------------------------------
+
+
+@pytest.mark.parametrize("group", GROUP_KEYS)
+def test_every_option_of_every_group_passes_validation(compose_cfg, group, tmp_path):
+    for option in _options(group):
+        validate_config(compose_cfg(f"{group}={option}", f"data.path={tmp_path}"))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["lagrange.cost_limit=nan"], "lagrange.cost_limit=nan: expected a finite number"),
+        (["lagrange.cost_limit=-inf"], "lagrange.cost_limit=-inf: expected a finite number"),
+        (["lagrange.lambda_init=0"], "lagrange.lambda_init=0.0: expected a value > 0"),
+        (["lagrange.lambda_init=-1"], "lagrange.lambda_init=-1.0: expected a value > 0"),
+        (["lagrange.window=0"], "lagrange.window=0: expected a value >= 1"),
+        (["lagrange=fixed", "lagrange.lambda_value=-1"], "lagrange.lambda_value=-1.0"),
+        (["algo.iterations=0"], "algo.iterations=0: expected a value >= 1"),
+        (["algo.minibatch_size=0"], "algo.minibatch_size=0"),
+        (["algo.actor_lr=0"], "algo.actor_lr=0.0: expected a value > 0"),
+        (["algo.sampling.top_p=1.5"], "algo.sampling.top_p=1.5: expected a value in (0, 1]"),
+        (["algo.adam_betas=[0.9,1.0]"], "algo.adam_betas.1=1.0: expected a value in [0, 1)"),
+        (["algo.gamma=1.01"], "algo.gamma=1.01: expected a value in [0, 1]"),
+        (["task=sft", "task.max_epochs=0"], "task.max_epochs=0: expected a value >= 1"),
+        (["task=sft", "task.batch_size=0"], "task.batch_size=0: expected a value >= 1"),
+        (["task=reward", "task.batch_size=-4"], "task.batch_size=-4"),
+        (["task=sft", "task.lr=inf"], "task.lr=inf: expected a finite number"),
+        (["task=moderation", "task.val_fraction=1"], "task.val_fraction=1.0"),
+        (["task=generate", "task.sampling.temperature=0"], "task.sampling.temperature=0.0"),
+        (["data.benchmark.single_harm_penalty=[0,1,nan,3]"], "single_harm_penalty.2=nan"),
+        (["+model.arch.rope_theta=inf"], "model.arch.rope_theta=inf: expected a finite number"),
+        (["seed=-1"], "seed=-1: expected a value in [0, 4294967295]"),
+        (["experiment_name=???"], "experiment_name"),
+    ],
+)
+def test_a_value_no_run_can_use_is_refused_naming_its_key(compose_cfg, overrides, message):
+    cfg = compose_cfg(*overrides)
+    with pytest.raises(ConfigError) as refused:
+        validate_config(cfg)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_null_turns_an_option_off_and_is_not_range_checked(compose_cfg):
+    validate_config(compose_cfg("algo.score_clip=null", "num_threads=null"))
+    assert value_error("algo.score_clip", None) is None
+
+
+def test_intervals_read_as_the_values_they_allow():
+    assert [str(i) for i in (POSITIVE, Interval(low=1), Interval(0, 1, low_open=True))] == [
+        "> 0",
+        ">= 1",
+        "in (0, 1]",
+    ]
+    assert 0 not in POSITIVE and 1e-9 in POSITIVE and 1 in Interval(0, 1, low_open=True)
+
+
+def test_the_command_refuses_a_bad_value_before_anything_loads(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "saferlhf.cli",
+            "lagrange.cost_limit=nan",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "saferlhf: error: lagrange.cost_limit=nan: expected a finite number"
+    )
+    assert not (tmp_path / "config.yaml").exists()  # refused before the run dir was written to

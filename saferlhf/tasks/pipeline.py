@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,37 @@ def config_difference(stage_dir: Path, cfg: DictConfig, ignored: Collection[str]
     return f"its config differs from {path} at {difference}" if difference else None
 
 
+@dataclass
+class StageState:
+    """What a stage's directory says about running the stage again."""
+
+    why: str  # why it must run; empty when its results can be reused
+    resumable: bool  # unfinished under the same config, with a checkpoints/last.ckpt
+
+
+def stage_state(stage, stage_dir: Path, cfg: DictConfig, reran: Collection[str]) -> StageState:
+    """Whether ``stage`` can be reused from ``stage_dir`` under ``cfg``, given the stages that
+    ``reran`` before it. The init paths it takes from earlier stages are not compared: it
+    runs again when one of those stages did."""
+    ignored = [
+        *REUSE_IGNORES,
+        *(f"init.{key}" for key in stage.init),
+        *(f"task.policies.{name}" for name in stage.policies),
+    ]
+    sources = sorted({*stage.init.values(), *stage.policies.values()} & set(reran))
+    depends = f"it takes artifacts of stage {', '.join(sources)}, which reran" if sources else None
+    unfinished = unfinished_reason(stage_dir)
+    difference = config_difference(stage_dir, cfg, ignored)
+    why = "; ".join(reason for reason in (depends, unfinished, difference) if reason)
+    resumable = (
+        unfinished is not None
+        and depends is None
+        and difference is None
+        and (stage_dir / "checkpoints" / "last.ckpt").is_file()
+    )
+    return StageState(why, resumable)
+
+
 def pipeline_task(run: RunContext) -> TaskResult:
     from saferlhf.cli import run as run_stage  # the same entry every single-task run goes through
 
@@ -149,29 +181,17 @@ def pipeline_task(run: RunContext) -> TaskResult:
         console.rule(f"[bold]stage {stage.name}")
         overrides = [*user, *stage_overrides(stage, artifacts)]
         stage_cfg = compose(config_name="config", overrides=overrides)
-        # The init paths from earlier stages are compared through `sources`.
-        ignored = [
-            *REUSE_IGNORES,
-            *(f"init.{key}" for key in stage.init),
-            *(f"task.policies.{name}" for name in stage.policies),
-        ]
-        sources = sorted({*stage.init.values(), *stage.policies.values()} & reran)
-        unfinished = unfinished_reason(stage_dir)
-        difference = config_difference(stage_dir, stage_cfg, ignored)
-        depends = (
-            f"it takes artifacts of stage {', '.join(sources)}, which reran" if sources else None
-        )
-        why = "; ".join(reason for reason in (depends, unfinished, difference) if reason)
-        if not why:
+        state = stage_state(stage, stage_dir, stage_cfg, reran)
+        if not state.why:
             log.info("stage %s already done in %s; reusing it", stage.name, stage_dir)
         else:
-            last = stage_dir / "checkpoints" / "last.ckpt"
-            resumable = not sources and unfinished and difference is None and last.is_file()
-            if run.cfg.ckpt_path == "last" and resumable:
-                log.info("stage %s: resuming it from %s", stage.name, last)
+            if run.cfg.ckpt_path == "last" and state.resumable:
+                log.info("stage %s: resuming it from its last.ckpt in %s", stage.name, stage_dir)
                 stage_cfg = compose(config_name="config", overrides=[*overrides, "ckpt_path=last"])
             elif stage_dir.exists():
-                log.warning("stage %s: running it again in %s: %s", stage.name, stage_dir, why)
+                log.warning(
+                    "stage %s: running it again in %s: %s", stage.name, stage_dir, state.why
+                )
             run_stage(stage_cfg, stage_dir)
             reran.add(stage.name)
         summary = read_summary(stage_dir)
