@@ -26,7 +26,13 @@ from saferlhf.rl.rollout import (
     token_values,
 )
 from saferlhf.run import read_summary
-from saferlhf.tasks.common import cosine_with_warmup
+from saferlhf.tasks.common import (
+    NonFiniteError,
+    cosine_with_warmup,
+    first_non_finite_parameter,
+    non_finite,
+    non_finite_message,
+)
 from saferlhf.tasks.ppo import decodes_compiled, ended_responses, lr_multiplier
 from tests.tiny import Interrupt, InterruptAt, benchmark_tokenizer, micro_model_cfg
 
@@ -701,3 +707,40 @@ def test_ppo_lagrangian_under_ddp_cpu_keeps_lambda_identical_on_both_ranks(
     assert len(history) == 3
     # Each iteration gathers λ from every rank; the spread is exactly zero when they agree.
     assert [h["lagrange/lambda_rank_spread"] for h in history] == [0.0, 0.0, 0.0]
+
+
+# -- non-finite training stops the run ----------------------------------------------------------
+
+
+def test_first_non_finite_parameter_names_a_trained_weight_and_skips_frozen_ones():
+    trained, frozen = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).requires_grad_(False)
+    assert first_non_finite_parameter([trained, frozen, None]) is None
+    with torch.no_grad():
+        frozen.weight[0, 0] = math.nan  # a frozen weight cannot have been changed by training
+        assert first_non_finite_parameter([trained, frozen]) is None
+        trained.bias[1] = math.inf
+    assert first_non_finite_parameter([trained, frozen]) == "bias"
+
+
+def test_non_finite_values_are_named_with_the_iteration():
+    values = {"train/actor_loss": math.nan, "lagrange/lambda": 1.0, "rollout/kl": -math.inf}
+    assert non_finite(values) == {
+        "train/actor_loss": values["train/actor_loss"],
+        "rollout/kl": -math.inf,
+    }
+    message = non_finite_message("PPO iteration 3", non_finite(values), "actor.lm_head.weight")
+    assert message.startswith("PPO iteration 3: training went non-finite (train/actor_loss=nan")
+    assert "weights of actor.lm_head.weight" in message and "\n" not in message
+
+
+def test_non_finite_training_stops_ppo_before_its_checkpoint_and_policy_are_written(
+    compose_cfg, untrained_artifacts, tmp_path
+):
+    cfg = _ppo(
+        compose_cfg, untrained_artifacts, "algo.iterations=3", "task.checkpoint_every=1",
+        "algo.actor_lr=1e30",
+    )  # fmt: skip
+    with pytest.raises(NonFiniteError, match="PPO iteration 1: training went non-finite"):
+        run(cfg, tmp_path)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "artifacts").exists()
+    assert not (tmp_path / "summary.json").exists()
