@@ -4,9 +4,11 @@ Expected numbers of the pure functions are written out with ``math`` or counted 
 never obtained by re-running the same torch formula.
 """
 
+import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +27,7 @@ from saferlhf.models import build_score_model, train_bpe_tokenizer
 from saferlhf.moderation import Moderator, Verdict
 from saferlhf.moderation.api import flag, split_logits
 from saferlhf.moderation.cli import main as moderate_main
+from saferlhf.moderation.cli import moderate_stream
 from saferlhf.run import read_summary
 from saferlhf.tasks.moderation import (
     ItemCollator,
@@ -442,6 +445,121 @@ def test_cli_usage_errors_exit_2(tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
     assert moderate_main(["--help"]) == 0
     assert "--max-severity N" in capsys.readouterr().out
+
+
+def _drop_moderation_entry(directory: Path) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    del config["moderation"]
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def _overwrite(name: str, content: bytes):
+    return lambda directory: (directory / name).write_bytes(content)
+
+
+def _remove(name: str):
+    return lambda directory: (directory / name).unlink()
+
+
+# fault -> (how the folder is broken, what the one-line message says)
+BAD_FOLDERS = {
+    "no config.json": (_remove("config.json"), "no config.json"),
+    "config.json not JSON": (_overwrite("config.json", b'{"cut'), "config.json: not valid JSON"),
+    "not a moderation model": (_drop_moderation_entry, "not a moderation model"),
+    "no tokenizer": (_remove("tokenizer.json"), "no tokenizer.json"),
+    "tokenizer.json not JSON": (_overwrite("tokenizer.json", b"junk"), "cannot load the tokenizer"),
+    "no weights": (_remove("model.safetensors"), "cannot load the model"),
+    "weights cut off": (
+        lambda d: (d / "model.safetensors").write_bytes(
+            (d / "model.safetensors").read_bytes()[:999]
+        ),
+        "model.safetensors: damaged or cut short",
+    ),
+    "weights header cut": (
+        _overwrite("model.safetensors", b"\x10\x00\x00"),
+        "model.safetensors: damaged or cut short",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", list(BAD_FOLDERS))
+def test_cli_an_unloadable_model_folder_exits_2_with_one_line_naming_the_file(
+    untrained_moderator, tmp_path, capsys, fault
+):
+    artifact, _ = untrained_moderator
+    broken = shutil.copytree(artifact, tmp_path / "moderation")
+    break_folder, expected = BAD_FOLDERS[fault]
+    break_folder(broken)
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "hi", "response": "fine ."}\n')
+
+    assert moderate_main(["--model", str(broken), "--input", str(source)]) == 2
+    captured = capsys.readouterr()
+    (message,) = captured.err.splitlines()
+    assert message.startswith(f"saferlhf-moderate: {broken}") and expected in message
+    assert captured.out == ""
+
+
+def test_cli_a_device_that_cannot_be_used_exits_2(untrained_moderator, capsys):
+    artifact, _ = untrained_moderator
+    assert moderate_main(["--model", str(artifact), "--device", "gpu9"]) == 2
+    assert capsys.readouterr().err == (
+        "saferlhf-moderate: --device gpu9: not a torch device (e.g. cpu, cuda, cuda:1)\n"
+    )
+
+
+class RefusesOneResponse:
+    """Stands in for a :class:`Moderator` that cannot take one response: any batch holding it
+    raises, as a tokenizer does on text it cannot encode."""
+
+    def moderate(self, prompts, responses, max_severity=0, batch_size=64):
+        if "boom" in responses:
+            raise ValueError("cannot take 'boom'\nsecond line of the library's message")
+        return [Verdict(False, 0, {}) for _ in responses]
+
+
+def test_cli_a_line_that_breaks_its_batch_loses_only_itself():
+    lines = [json.dumps({"prompt": "q", "response": r}) for r in ("a", "boom", "b", "c", "d")]
+    source, sink, errors = io.StringIO("\n".join(lines)), io.StringIO(), io.StringIO()
+
+    counts = moderate_stream(RefusesOneResponse(), source, sink, errors, 0, batch_size=4)
+    assert [json.loads(text)["line"] for text in sink.getvalue().splitlines()] == [1, 3, 4, 5]
+    assert errors.getvalue() == (
+        "line 2: cannot be judged (ValueError: cannot take 'boom'); skipped\n"
+    )
+    assert (counts.judged, counts.bad, counts.truncated) == (4, 1, 0)
+
+
+@pytest.mark.slow
+def test_a_long_benign_prompt_does_not_hide_severe_responses(moderation_run):
+    """The finding replayed with a trained moderator: five severity-3 responses it flags were
+    flagged by none behind a 6.6 KB benign prompt, cut off at max_length."""
+    _, run_dir = moderation_run
+    moderator = Moderator.from_pretrained(run_dir / "artifacts" / "moderation", device="cpu")
+    rows = generate_benchmark(
+        num_train=10, num_test=400, seed=3, label_noise=0.0, benign_fraction=0.35
+    )["test"]
+    answers = [
+        (r["prompt"], r[f"response_{i}"], r[f"response_{i}_severity_level"])
+        for r in rows
+        for i in (0, 1)
+    ]
+    severe = [(p, a) for p, a, severity in answers if severity == 3]
+    safe = [(p, a) for p, a, severity in answers if severity == 0][:50]
+    benign_prompts = [
+        r["prompt"] for r in rows if r["is_response_0_safe"] and r["is_response_1_safe"]
+    ]
+    long_prompt = " ".join(benign_prompts)[:6600]
+    assert len(long_prompt.encode()) == 6600
+
+    alone = moderator.moderate([p for p, _ in severe], [a for _, a in severe])
+    flagged = [a for (_, a), verdict in zip(severe, alone, strict=True) if verdict.flagged][:5]
+    assert len(flagged) == 5
+    behind = moderator.moderate([long_prompt] * 5, flagged)
+    assert all(v.flagged and v.truncated for v in behind)
+    # Not by flagging whatever is truncated: safe answers behind the same prompt mostly pass.
+    safe_behind = moderator.moderate([long_prompt] * len(safe), [a for _, a in safe])
+    assert sum(v.flagged for v in safe_behind) <= 0.1 * len(safe)
 
 
 def test_resume_from_last_mid_epoch_ends_exactly_like_an_uninterrupted_run(compose_cfg, tmp_path):
