@@ -422,3 +422,18 @@ def test_benchmark_has_no_repeats(compose_cfg):
     )
     assert loaded.repeats.duplicate_rows == {"train": 0, "test": 0}
     assert loaded.repeats.shared_prompts == 0
+
+
+def test_a_hub_split_the_datasets_library_cannot_read_is_named(compose_cfg, monkeypatch):
+    def unreadable(*args, **kwargs):
+        raise datasets.exceptions.DatasetGenerationError("An error occurred") from ValueError(
+            "column types differ between files"
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", unreadable)
+    with pytest.raises(DataSourceError) as info:
+        load_data(compose_cfg("data=pku_saferlhf").data)
+    assert str(info.value).startswith(
+        "PKU-Alignment/PKU-SafeRLHF[train]: the datasets library could not read its files "
+        "(column types differ between files); download them and run with data=local"
+    )

@@ -465,6 +465,12 @@ def _hub_parts(data_cfg):
         except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as err:
             reason = "HF_HUB_OFFLINE=1 and it is not in the local cache" if offline else str(err)
             raise DataSourceError(_offline_message(name, reason)) from err
+        except datasets.exceptions.DatasetGenerationError as err:
+            raise DataSourceError(
+                f"{name}[{data_cfg['split'][split]}]: the datasets library could not read its "
+                f"files ({err.__cause__ or err}); download them and run with data=local "
+                "data.path=DIR, which names the file and row at fault"
+            ) from err
         parts[split] = [_dataset_part(f"{name}[{data_cfg['split'][split]}]", ds)]
     return parts
 
@@ -577,9 +583,9 @@ def _read_json_lines(path: Path) -> Part:
 
 def _read_json(path: Path) -> Part:
     """A JSON array of row objects, or (as hub ``.json`` files often are) JSON Lines."""
-    raw = path.read_bytes()
-    if not raw.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+    if _first_byte(path) != b"[":
         return _read_json_lines(path)
+    raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -592,6 +598,15 @@ def _read_json(path: Path) -> Part:
         ) from err
     rows = [ReadRow(i + 1, value) for i, value in enumerate(values)]
     return Part(str(path), _columns_of(rows), rows)
+
+
+def _first_byte(path: Path) -> bytes:
+    """The first byte that is not whitespace or a byte-order mark (b"" for none)."""
+    with path.open("rb") as f:
+        while chunk := f.read(4096):
+            if text := chunk.lstrip(b"\xef\xbb\xbf \t\r\n"):
+                return text[:1]
+    return b""
 
 
 def _read_csv(path: Path) -> Part:
