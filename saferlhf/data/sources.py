@@ -4,7 +4,9 @@ Three sources, one contract: the Hugging Face hub (``datasets.load_dataset``), l
 the hub schema (jsonl, json, parquet, csv) and the embedded benchmark. Every source is read into
 rows exactly as written, each with the number a user finds it under; every row is validated
 against :mod:`saferlhf.data.schema` (types are checked, never converted), and the valid rows
-become a ``datasets.Dataset`` with the row kind's explicit features. A bad row raises an error
+become a ``datasets.Dataset`` of the row kind's columns with explicit features (other columns
+are not kept). Rows that repeat and test prompts that train has too are counted and warned
+about, never dropped. A bad row raises an error
 naming the file, the row and the field, or with ``on_bad_row=skip`` is dropped and recorded,
 as it was read, in ``skipped_rows.jsonl``.
 
@@ -380,8 +382,8 @@ def _warn_repeats(repeats: Repeats) -> None:
             )  # fmt: skip
     if repeats.shared_prompts:
         log.warning(
-            "%d test prompts are also train prompts (%d test rows; e.g. %s): test metrics on them "
-            "measure recall of training data",
+            "%d test prompts are also train prompts (%d test rows; e.g. %s): results on them are "
+            "not held out",
             repeats.shared_prompts,
             repeats.shared_prompt_test_rows,
             "; ".join(repeats.shared_prompt_examples),
