@@ -273,3 +273,43 @@ def test_harm_anywhere_in_a_long_response_is_flagged(spotter_moderator, where):
         (False, 0, True),
     ]
     assert list(verdicts[0].categories) == ["Endangering National Security"]
+
+
+# -- the stages count what they truncate ---------------------------------------------------------
+
+
+def test_training_views_count_the_conversations_they_truncate(tokenizer):
+    from saferlhf.tasks.moderation import tokenized_items
+    from saferlhf.tasks.score import encode_pairs
+    from saferlhf.tasks.sft import sft_examples
+
+    rows = generate_benchmark(12, 0, seed=1, label_noise=0.0, benign_fraction=0.35)["train"]
+    for row in rows[:2]:
+        row["prompt"] = LONG_PROMPT  # both responses of two rows: 4 conversations too long
+    cfg = SimpleNamespace(
+        model=SimpleNamespace(max_length=128), seed=0, data=SimpleNamespace(source="local")
+    )
+    for objective in ("reward", "cost"):
+        pairs, truncated = encode_pairs(cfg, objective, rows, tokenizer)
+        assert truncated == 4 and max(map(len, pairs.first + pairs.second)) == 128
+    assert sum(tokenized_items(qa_items(rows), tokenizer, 128).truncated) == 4
+    assert sft_examples(rows, tokenizer, 128).num_truncated == 4
+    assert sft_examples(rows, tokenizer, 2048).num_truncated == 0
+
+
+def test_an_sft_run_reports_its_truncated_conversations(compose_cfg, tmp_path, caplog):
+    from saferlhf.cli import run
+
+    cfg = compose_cfg(
+        "task=sft",
+        "logger=none",
+        "data.benchmark.num_train=40",
+        "data.benchmark.num_test=10",
+        "task.max_epochs=1",
+        "model.max_length=40",
+        "trainer.enable_progress_bar=false",
+    )
+    metrics = run(cfg, tmp_path)
+    assert metrics["train/truncated"] > 0 and metrics["val/truncated"] > 0
+    assert f"{metrics['train/truncated']} of " in caplog.text
+    assert "longer than max_length=40 tokens" in caplog.text

@@ -28,6 +28,7 @@ from saferlhf.models import load_tokenizer
 from saferlhf.moderation.guard import GuardedAnswer, guarded_generate
 from saferlhf.rl.rollout import decode_responses, sample_responses
 from saferlhf.run import RunContext, TaskResult
+from saferlhf.tasks.common import ConfigPathError
 
 
 def _prompts(cfg) -> list[str]:
@@ -40,9 +41,9 @@ def _prompts(cfg) -> list[str]:
 def generate_task(run: RunContext) -> TaskResult:
     cfg, task = run.cfg, run.cfg.task
     if not cfg.policy_path or not Path(cfg.policy_path).is_dir():
-        raise FileNotFoundError(f"policy_path={cfg.policy_path!r}: expected a policy folder")
+        raise ConfigPathError(f"policy_path={cfg.policy_path!r}: expected a policy folder")
     if cfg.guard.moderation and not Path(cfg.guard.moderation).is_dir():
-        raise FileNotFoundError(
+        raise ConfigPathError(
             f"guard.moderation={cfg.guard.moderation!r}: expected a moderation folder"
         )
     tokenizer = load_tokenizer(cfg.policy_path)

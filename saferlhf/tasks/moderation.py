@@ -30,6 +30,7 @@ from saferlhf.data.collate import encode_conversations, log_truncated, pad_seque
 from saferlhf.data.module import ListDataModule
 from saferlhf.data.schema import HARM_CATEGORIES, SEVERITY_LEVELS
 from saferlhf.data.sources import load_data
+from saferlhf.errors import ConfigError
 from saferlhf.models import build_score_model, save_artifact
 from saferlhf.moderation.api import (
     NUM_CATEGORIES,
@@ -275,10 +276,10 @@ def holdout_split(num_items: int, fraction: float, seed: int) -> tuple[list[int]
     """A seeded ``(train, holdout)`` split of ``range(num_items)``; the holdout has
     ``round(fraction · num_items)`` items, at least one, and train keeps at least one."""
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"task.val_fraction={fraction!r}: expected a share in (0, 1)")
+        raise ConfigError(f"task.val_fraction={fraction!r}: expected a share in (0, 1)")
     size = round(fraction * num_items)
     if num_items < 2 or not 0 < size < num_items:
-        raise ValueError(
+        raise ConfigError(
             f"task.val_fraction={fraction} of {num_items} items leaves an empty train or holdout"
         )
     order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -493,12 +494,12 @@ def write_confusion(confusion: torch.Tensor, run_dir: Path, accuracy: float) -> 
 def moderation_task(run: RunContext) -> TaskResult:
     cfg, task = run.cfg, run.cfg.task
     if task.class_balance not in CLASS_BALANCE:
-        raise ValueError(
+        raise ConfigError(
             f"task.class_balance={task.class_balance!r}: expected one of {sorted(CLASS_BALANCE)}"
         )
     loaded = load_data(cfg.data)
     if loaded.kind == "single":
-        raise ValueError(
+        raise ConfigError(
             "task=moderation needs safety labels (is_safe, categories, severity); "
             "data.kind=single rows have none: use preference=dual or data.kind=qa"
         )
