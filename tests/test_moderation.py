@@ -508,6 +508,13 @@ def test_cli_a_device_that_cannot_be_used_exits_2(untrained_moderator, capsys):
     )
 
 
+def test_moderator_names_text_that_is_not_unicode(untrained_moderator):
+    artifact, _ = untrained_moderator
+    moderator = Moderator.from_pretrained(artifact, device="cpu")
+    with pytest.raises(ValueError, match=r"responses\[1\] is not valid Unicode .*U\+D800"):
+        moderator.moderate(["hi", "hi"], ["fine .", "x\ud800"])
+
+
 class RefusesOneResponse:
     """Stands in for a :class:`Moderator` that cannot take one response: any batch holding it
     raises, as a tokenizer does on text it cannot encode."""

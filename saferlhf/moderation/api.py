@@ -98,6 +98,17 @@ class ModelFolderError(UserError, ValueError):
     """A moderation model folder that cannot be loaded; the message names the file."""
 
 
+def unicode_problem(text: str) -> str | None:
+    """Why ``text`` cannot be tokenized as Unicode, or None. JSON's ``"\\ud800"`` escapes
+    decode to lone surrogates, which Python strings hold but no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        code = ord(text[error.start])
+        return f"not valid Unicode (lone surrogate U+{code:04X} at character {error.start})"
+    return None
+
+
 def one_line(error: BaseException) -> str:
     """An exception's message as one line (library messages often run to several)."""
     lines = str(error).strip().splitlines()
@@ -212,6 +223,10 @@ class Moderator:
             raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
         if max_severity not in SEVERITY_LEVELS:
             raise ValueError(f"max_severity={max_severity!r}: expected one of 0, 1, 2, 3")
+        for name, texts in (("prompts", prompts), ("responses", responses)):
+            for index, text in enumerate(texts):
+                if problem := unicode_problem(text):
+                    raise ValueError(f"{name}[{index}] is {problem}")
         verdicts: list[Verdict] = []
         for start in range(0, len(prompts), batch_size):
             stop = start + batch_size

@@ -16,7 +16,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from saferlhf.errors import UserError
-from saferlhf.moderation.api import Moderator, Verdict, one_line
+from saferlhf.moderation.api import Moderator, Verdict, one_line, unicode_problem
 
 LineT = TypeVar("LineT", bytes, str)
 
@@ -102,14 +102,8 @@ def parse_line(line: bytes | str) -> tuple[str, str] | str:
             return f"missing field '{key}'"
         if not isinstance(record[key], str):
             return f"field '{key}' must be a string, got {type(record[key]).__name__}"
-        try:
-            record[key].encode("utf-8")
-        except UnicodeEncodeError as error:  # JSON's "\ud800" escapes decode to lone surrogates
-            code = ord(record[key][error.start])
-            return (
-                f"field '{key}' is not valid Unicode (lone surrogate U+{code:04X} at "
-                f"character {error.start})"
-            )
+        if problem := unicode_problem(record[key]):
+            return f"field '{key}' is {problem}"
     return record["prompt"], record["response"]
 
 
