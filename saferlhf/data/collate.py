@@ -161,6 +161,11 @@ def segment(
     """Tokenize each templated conversation (or prompt alone, when ``responses`` is None) as one
     text, so that the ids are exactly the untruncated ones, then split them at the template's
     boundaries by their character offsets; cutting the prompt never cuts the template."""
+    if not tokenizer.is_fast:
+        raise ConfigError(
+            f"tokenizer {tokenizer.name_or_path!r} is a slow (Python) tokenizer: fitting "
+            "conversations to max_length needs a fast one's token offsets (a tokenizer.json)"
+        )
     if responses is None:
         texts = [format_prompt(p) for p in prompts]
     else:
