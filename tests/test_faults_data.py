@@ -20,6 +20,8 @@ import pytest
 from saferlhf.run import read_summary
 from tests.rows import preference_row
 
+pytestmark = pytest.mark.slow  # ten runs of the command: about 90 s of CPU in all
+
 SAFERLHF = Path(sys.executable).parent / "saferlhf"
 PARALLEL_RUNS = 4
 LOOKS_LIKE_JSON = ["42", "null", '"quoted"', "true", "[1, 2]", "2.5", "line\u2028separator"]
