@@ -171,14 +171,17 @@ def test_a_diverging_ppo_run_stops_naming_the_iteration_with_nothing_written(tmp
 # -- SIGTERM ----------------------------------------------------------------------------------
 
 
-def _terminate_once_training_checkpointed(run_dir: Path, overrides) -> subprocess.CompletedProcess:
-    """Start a run, send it SIGTERM once its first periodic checkpoint exists, wait for it."""
+def _terminate_once_training_checkpointed(
+    run_dir: Path, overrides, stage_dir: str = "."
+) -> subprocess.CompletedProcess:
+    """Start a run, send it SIGTERM once the first periodic checkpoint of its ``stage_dir``
+    exists, wait for it."""
     command = [str(SAFERLHF), *QUIET, *overrides, f"hydra.run.dir={run_dir}"]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=run_dir.parent
     )
     deadline = time.monotonic() + 600
-    while not (run_dir / "checkpoints" / "last.ckpt").exists():
+    while not (run_dir / stage_dir / "checkpoints" / "last.ckpt").exists():
         assert process.poll() is None, process.communicate()[1][-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.05)
@@ -201,14 +204,8 @@ def test_sigterm_mid_ppo_exits_143_and_the_printed_command_resumes_it_exactly(tm
     assert f"stopped by SIGTERM; it resumes from {tmp_path / 'cut' / 'checkpoints'}" in line
     assert_nothing_written(tmp_path / "cut")
 
-    command = shlex.split(line.split(" with: ", 1)[1])
-    assert command[0] == "saferlhf" and command[-2:] == [
-        f"hydra.run.dir={tmp_path / 'cut'}",
-        "ckpt_path=last",
-    ]
-    resumed = subprocess.run(
-        [str(SAFERLHF), *command[1:]], capture_output=True, text=True, cwd=tmp_path, timeout=600
-    )
+    assert line.endswith(f"hydra.run.dir={tmp_path / 'cut'} ckpt_path=last")
+    resumed = _resume(tmp_path, stopped)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     whole = saferlhf(tmp_path / "whole", *overrides)
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -227,6 +224,34 @@ def test_sigterm_mid_fit_exits_143_with_a_checkpoint_and_no_summary(tmp_path):
     assert_nothing_written(tmp_path / "run")
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert state["optimizer_states"] and state["global_step"] > 0  # the full state, to resume
+
+
+def _resume(tmp_path: Path, stopped: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """Run the command that the SIGTERM message prints."""
+    command = shlex.split(error_line(stopped).split(" with: ", 1)[1])
+    assert command[0] == "saferlhf" and command[-1] == "ckpt_path=last"
+    return subprocess.run(
+        [str(SAFERLHF), *command[1:]], capture_output=True, text=True, cwd=tmp_path, timeout=600
+    )
+
+
+@pytest.mark.slow
+def test_sigterm_mid_pipeline_stage_resumes_that_stage_with_the_printed_command(tmp_path):
+    stages = (
+        'task.stages=[{name:sft,overrides:["task=sft","task.max_epochs=3","task.batch_size=8",'
+        '"task.checkpoint_every_n_steps=2"]},'
+        '{name:report,overrides:["task=data_report","task.plot=false"]}]'
+    )
+    overrides = (stages, "data.benchmark.num_train=200", "data.benchmark.num_test=16")
+    stopped = _terminate_once_training_checkpointed(tmp_path / "run", overrides, "sft")
+    assert stopped.returncode == STOPPED_BY_SIGTERM
+    assert f"it resumes from {tmp_path / 'run' / 'sft' / 'checkpoints'}" in error_line(stopped)
+    assert not (tmp_path / "run" / "sft" / "summary.json").exists()
+    resumed = _resume(tmp_path, stopped)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "stage sft: resuming it from its last.ckpt" in resumed.stdout + resumed.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["metrics"]["report/data/train_rows"] == 200
 
 
 # -- pipeline stages reused only when their config matches --------------------------------------
