@@ -44,6 +44,7 @@ from saferlhf.data import views
 from saferlhf.data.collate import tokenize_prompts, tokenize_sft_examples
 from saferlhf.data.module import LanguageModelingCollator, list_loader
 from saferlhf.data.sources import load_data
+from saferlhf.errors import ConfigError
 from saferlhf.evaluate.gold import fixed_eval_prompts, gold_metrics
 from saferlhf.losses import (
     clip_scores,
@@ -559,18 +560,17 @@ def lr_multiplier(schedule: str, total_steps: int, warmup_ratio: float) -> Calla
 
 
 def check_ppo_config(cfg) -> None:
-    """Fail before anything loads, naming the key, on values the schema's types let through."""
-    a = cfg.algo
-    if len(a.adam_betas) != 2 or not all(0 <= beta < 1 for beta in a.adam_betas):
-        raise ValueError(f"algo.adam_betas={list(a.adam_betas)}: expected [β1, β2] in [0, 1)")
-    if not 0 <= a.warmup_ratio <= 1:
-        raise ValueError(f"algo.warmup_ratio={a.warmup_ratio}: expected a share in [0, 1]")
-    if a.score_clip is not None and a.score_clip <= 0:
-        raise ValueError(f"algo.score_clip={a.score_clip}: expected a limit > 0, or null")
-    if a.missing_eos_penalty is not None and a.missing_eos_penalty < 0:
-        raise ValueError(f"algo.missing_eos_penalty={a.missing_eos_penalty}: expected >= 0")
+    """Fail before anything loads, naming the key, on what validate_config's per-value ranges
+    cannot see: the length of algo.adam_betas, a λ rule the preference has no cost model for."""
+    if len(cfg.algo.adam_betas) != 2:
+        raise ConfigError(
+            f"algo.adam_betas={list(cfg.algo.adam_betas)}: expected two values [β1, β2]"
+        )
     if cfg.lagrange.name == "fixed" and not cfg.preference.use_cost:
-        raise ValueError("lagrange=fixed needs a cost model: use preference=dual")
+        raise ConfigError(
+            f"lagrange=fixed needs a cost model, which preference={cfg.preference.name} has "
+            "not: use preference=dual"
+        )
 
 
 def ppo_variant(cfg) -> str:
