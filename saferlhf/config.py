@@ -49,6 +49,17 @@ class DataConfig:
 
 
 @dataclass
+class TaxonomyConfig:
+    """The harm categories rows are labelled with and moderation models predict (see
+    conf/taxonomy/ and saferlhf.taxonomy)."""
+
+    name: str = MISSING
+    categories: list[str] | None = None  # in the order a moderation model predicts them
+    severity: bool | None = None  # rows carry severity_level 0..3
+    path: str | None = None  # taxonomy=file: a YAML file with categories and severity
+
+
+@dataclass
 class PreferenceConfig:
     name: str = MISSING  # single | dual
     benchmark_kind: str = MISSING  # which labels the embedded benchmark emits for this setting
@@ -136,7 +147,8 @@ class EvaluateScoreTaskConfig(TaskConfig):
 
 @dataclass
 class ModerationTaskConfig(SupervisedTaskConfig):
-    """Severity-sensitive moderation: 19 category logits and a 4-way severity head."""
+    """Moderation: one logit per category of the taxonomy, and a 4-way severity head when the
+    taxonomy has severity levels."""
 
     class_balance: str = MISSING  # none | balanced: reweight rare categories and severities
     val_fraction: float = MISSING  # share of train held out to choose thresholds
@@ -334,6 +346,7 @@ class InitConfig:
 class Config:
     task: TaskConfig = MISSING
     data: DataConfig = MISSING
+    taxonomy: TaxonomyConfig = MISSING
     model: ModelConfig = MISSING
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
@@ -355,6 +368,7 @@ def register_configs() -> None:
     store.store(name="config_schema", node=Config)
     for group, node in (
         ("data", DataConfig),
+        ("taxonomy", TaxonomyConfig),
         ("preference", PreferenceConfig),
         ("model", ModelConfig),
         ("trainer", TrainerConfig),
