@@ -74,46 +74,6 @@ def masked_aggregate(values: Tensor, mask: Tensor, aggregation: str) -> Tensor:
     raise ValueError(f"aggregation={aggregation!r}: expected one of {LOSS_AGGREGATIONS}")
 
 
-def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Variance of ``values`` over all valid positions (as TRL's ``masked_var``).
-
-    Args:
-        values: any shape, e.g. ``(B, T)``.
-        mask: same shape, 1/True on valid positions.
-        unbiased: apply Bessel's correction ``n / (n - 1)`` (skipped when ``n <= 1``).
-
-    Returns:
-        A 0-dim tensor.
-    """
-    centred = values - masked_mean(values, mask)
-    variance = masked_mean(centred**2, mask)
-    if unbiased:
-        count = mask.bool().sum().to(variance.dtype)
-        variance = variance * count / (count - 1).clamp_min(1)
-    return variance
-
-
-def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
-    """Normalise ``values`` to zero mean and unit variance over the valid positions.
-
-    Used on advantages before the PPO loss (TRL's ``masked_whiten``). With
-    ``shift_mean=False`` only the scale changes: the mean is added back.
-
-    Args:
-        values: any shape, e.g. advantages ``(B, T)``.
-        mask: same shape, 1/True on valid positions.
-        shift_mean: subtract the mean (True) or keep it (False).
-
-    Returns:
-        ``values``' shape, 0 on masked positions.
-    """
-    mean = masked_mean(values, mask)
-    whitened = (values - mean) * torch.rsqrt(masked_var(values, mask) + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
-
-
 # ---------------------------------------------------------------------------------------------
 # Score models: reward (Bradley-Terry) and cost
 # ---------------------------------------------------------------------------------------------

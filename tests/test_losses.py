@@ -23,8 +23,6 @@ from saferlhf.losses import (
     lagrange_loss,
     masked_aggregate,
     masked_mean,
-    masked_var,
-    masked_whiten,
     penalise_missing_eos,
     ppo_clip_loss,
     selective_log_softmax,
@@ -69,28 +67,6 @@ def test_masked_mean_ignores_nan_on_padding_and_empty_is_zero():
     assert masked_mean(values, mask).item() == pytest.approx(1.0)
     assert masked_mean(values, mask, dim=1).tolist() == [1.0, 0.0]
     assert masked_mean(values, torch.zeros_like(mask)).item() == 0.0
-
-
-def test_masked_var_unbiased_and_biased():
-    values, mask = t(VALUES), torch.tensor(MASK)
-    # valid 1..5, mean 3, squared deviations 4 + 1 + 0 + 1 + 4 = 10
-    assert masked_var(values, mask).item() == pytest.approx(10.0 / 4.0)
-    assert masked_var(values, mask, unbiased=False).item() == pytest.approx(10.0 / 5.0)
-    one = torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0]])
-    assert masked_var(values, one).item() == 0.0  # one element: no NaN from n - 1 = 0
-
-
-def test_masked_whiten():
-    values, mask = t(VALUES), torch.tensor(MASK)
-    whitened = masked_whiten(values, mask)
-    std = math.sqrt(2.5)
-    expected = [[-2 / std, -1 / std, 0.0, 0.0], [1 / std, 2 / std, 0.0, 0.0]]
-    assert whitened.tolist()[0] == pytest.approx(expected[0], abs=1e-6)
-    assert whitened.tolist()[1] == pytest.approx(expected[1], abs=1e-6)
-    kept = masked_whiten(values, mask, shift_mean=False)
-    assert kept[0, :3].tolist() == pytest.approx([3 - 2 / std, 3 - 1 / std, 3.0], abs=1e-6)
-    assert masked_mean(kept, mask).item() == pytest.approx(3.0)
-    assert kept[:, 3].tolist() == [0.0, 0.0]
 
 
 # Rows of 3, 1 and 0 valid tokens; padding holds values that must not count.
