@@ -1,6 +1,7 @@
 import pytest
 
 from saferlhf.data.schema import (
+    BEAVERTAILS,
     HARM_CATEGORIES,
     PREFERENCE,
     QA,
@@ -11,14 +12,14 @@ from saferlhf.data.schema import (
     row_problem,
     validate_row,
 )
+from saferlhf.taxonomy import BEAVERTAILS as BEAVERTAILS_TAXONOMY
+from saferlhf.taxonomy import PKU_SAFERLHF
+from tests.beavertails_rows import beavertails_row
 from tests.rows import preference_row
 
 
-def test_categories_follow_the_card():
-    assert len(HARM_CATEGORIES) == 19
-    assert HARM_CATEGORIES[0] == "Endangering National Security"
-    assert HARM_CATEGORIES[-1] == "Animal Abuse"
-    assert len(set(HARM_CATEGORIES)) == 19
+def test_benchmark_categories_are_pku_saferlhfs():
+    assert HARM_CATEGORIES == PKU_SAFERLHF.categories
 
 
 def test_good_rows_pass():
@@ -90,6 +91,7 @@ def test_kind_is_detected_from_columns():
     assert detect_kind(preference_row().keys()) == PREFERENCE
     assert detect_kind(["prompt", "response_0", "response_1", "better_response_id"]) == SINGLE
     assert detect_kind(["prompt", "response", "is_safe"]) == QA
+    assert detect_kind(["prompt", "response", "category", "is_safe"]) == BEAVERTAILS
 
 
 def test_type_errors_show_the_value_cut_short():
@@ -106,3 +108,31 @@ def test_a_row_error_without_a_field_names_the_row():
     assert str(RowError("data/train.jsonl", 3, "", "this line is not valid JSON")) == (
         "data/train.jsonl, row 3: this line is not valid JSON"
     )
+
+
+def test_beavertails_rows_are_checked_against_the_taxonomy():
+    assert row_problem(beavertails_row(), BEAVERTAILS, BEAVERTAILS_TAXONOMY) is None
+    pku_names = {**beavertails_row(), "category": {"Violence": True}}
+    field, reason = row_problem(pku_names, BEAVERTAILS, BEAVERTAILS_TAXONOMY)
+    assert field == "category" and "unknown harm categories ['Violence']" in reason
+    assert "taxonomy=beavertails has ['animal_abuse'" in reason
+    # PKU-SafeRLHF's names are refused the other way round too.
+    field, reason = row_problem(beavertails_row(), BEAVERTAILS, PKU_SAFERLHF)
+    assert field == "category" and "taxonomy=pku_saferlhf" in reason
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("response", None, "missing required field"),
+        ("is_safe", "False", "expected bool, got str 'False'"),
+        ("category", "self_harm", "expected dict, got str"),
+        ("category", {"self_harm": 1}, "must be booleans, not for ['self_harm']"),
+    ],
+)
+def test_bad_beavertails_row_names_row_and_field(field, value, words):
+    row = {**beavertails_row(), field: value}
+    with pytest.raises(RowError) as info:
+        validate_row(row, BEAVERTAILS, "bt/train.jsonl", 4, BEAVERTAILS_TAXONOMY)
+    assert str(info.value).startswith(f"bt/train.jsonl, row 4, field '{field}': ")
+    assert words in str(info.value)

@@ -4,8 +4,11 @@ import json
 import datasets
 import pytest
 
-from saferlhf.data.schema import PREFERENCE, RowError, empty_harm_categories
+from saferlhf.data.schema import BEAVERTAILS, PREFERENCE, RowError, empty_harm_categories
 from saferlhf.data.sources import DataSourceError, load_data
+from saferlhf.errors import ConfigError
+from saferlhf.taxonomy import BEAVERTAILS as BEAVERTAILS_TAXONOMY
+from tests.beavertails_rows import beavertails_row
 from tests.rows import preference_row
 
 
@@ -437,3 +440,86 @@ def test_a_hub_split_the_datasets_library_cannot_read_is_named(compose_cfg, monk
         "PKU-Alignment/PKU-SafeRLHF[train]: the datasets library could not read its files "
         "(column types differ between files); download them and run with data=local"
     )
+
+
+# -- BeaverTails rows ----------------------------------------------------------------------------
+
+
+def _beavertails_rows(n, offset=0):
+    flags = [(), ("animal_abuse",), ("self_harm", "violence,aiding_and_abetting,incitement")]
+    return [
+        beavertails_row(prompt=f"question {offset + i} ?", flagged=flags[i % 3]) for i in range(n)
+    ]
+
+
+def _write_beavertails(directory):
+    _write_jsonl(directory / "train.jsonl", _beavertails_rows(9))
+    _write_jsonl(directory / "test.jsonl", _beavertails_rows(3, offset=100))
+
+
+@pytest.mark.parametrize(
+    "overrides", [("data=beavertails",), ("data=local", "taxonomy=beavertails")]
+)
+def test_beavertails_rows_load_with_either_config(compose_cfg, tmp_path, overrides):
+    _write_beavertails(tmp_path)
+    cfg = compose_cfg(*overrides, f"data.path={tmp_path}")
+    assert cfg.taxonomy.name == "beavertails"
+    loaded = load_data(cfg.data)
+    assert loaded.kind == BEAVERTAILS
+    train = loaded.splits["train"]
+    assert (len(train), len(loaded.splits["test"])) == (9, 3)
+    assert list(train.features["category"]) == list(BEAVERTAILS_TAXONOMY.categories)
+    assert train[2]["category"]["violence,aiding_and_abetting,incitement"] is True
+    assert [row["is_safe"] for row in train][:3] == [True, False, False]
+
+
+def test_beavertails_rows_under_pku_taxonomy_point_at_taxonomy_beavertails(compose_cfg, tmp_path):
+    _write_beavertails(tmp_path)
+    with pytest.raises(
+        DataSourceError, match=r"train.jsonl: BeaverTails rows have no severity"
+    ) as info:
+        load_data(_local(compose_cfg, tmp_path))
+    assert "run with taxonomy=beavertails" in str(info.value)
+
+
+def test_pku_rows_under_beavertails_taxonomy_name_the_category_field(compose_cfg, tmp_path):
+    _write_jsonl(tmp_path / "train.jsonl", _rows(4))
+    _write_jsonl(tmp_path / "test.jsonl", _rows(2))
+    with pytest.raises(RowError, match=r"row 1, field 'response_0_harm_category': unknown harm"):
+        load_data(_local(compose_cfg, tmp_path, "taxonomy=beavertails"))
+
+
+def test_bad_beavertails_rows_are_named_or_skipped_as_read(compose_cfg, tmp_path):
+    rows = _beavertails_rows(9)
+    rows[3]["category"] = {**rows[3]["category"], "arson": True}
+    rows[5]["is_safe"] = "no"
+    _write_jsonl(tmp_path / "train.jsonl", rows)
+    _write_jsonl(tmp_path / "test.jsonl", _beavertails_rows(3, offset=100))
+    cfg = compose_cfg("data=beavertails", f"data.path={tmp_path}")
+    with pytest.raises(
+        RowError, match=r"train.jsonl, row 4, field 'category': unknown harm categories \['arson'\]"
+    ):
+        load_data(cfg.data)
+    cfg = compose_cfg("data=beavertails", f"data.path={tmp_path}", "data.on_bad_row=skip")
+    loaded = load_data(cfg.data)
+    assert len(loaded.splits["train"]) == 7
+    assert [(s.row, s.field) for s in loaded.skipped] == [(4, "category"), (6, "is_safe")]
+    written = _lines(loaded.write_skipped(tmp_path))
+    assert [line["data"] for line in written] == [rows[3], rows[5]]
+
+
+def test_beavertails_csv_and_parquet_like_the_hub(compose_cfg, tmp_path):
+    rows = _beavertails_rows(10)
+    csv_rows = [{**row, "category": json.dumps(row["category"])} for row in rows]
+    datasets.Dataset.from_list(csv_rows).to_csv(str(tmp_path / "rows.csv"), index=False)
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
+    for name in ("rows.csv", "rows.parquet"):
+        cfg = compose_cfg("data=beavertails", f"data.path={tmp_path / name}")
+        loaded = load_data(cfg.data)
+        assert len(loaded.splits["train"]) + len(loaded.splits["test"]) == 10, name
+        assert loaded.splits["train"].features["category"]["self_harm"].dtype == "bool"
+
+
+def test_benchmark_refuses_another_taxonomy(compose_cfg):
+    with pytest.raises(ConfigError, match=r"^data=benchmark is labelled with PKU-SafeRLHF's"):
+        load_data(compose_cfg("taxonomy=beavertails").data)

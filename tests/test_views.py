@@ -1,4 +1,4 @@
-from saferlhf.data.schema import empty_harm_categories
+from saferlhf.data.schema import HARM_CATEGORIES, empty_harm_categories
 from saferlhf.data.views import (
     conversations,
     preference_pairs,
@@ -7,6 +7,7 @@ from saferlhf.data.views import (
     qa_key,
     safety_pairs,
 )
+from tests.beavertails_rows import beavertails_row
 from tests.rows import preference_row
 
 
@@ -50,7 +51,7 @@ def test_qa_items_are_deduplicated_by_prompt_and_response():
     assert items[0].is_safe and items[0].categories == ()
     assert qa_key("a", "bc") != qa_key("ab", "c")
     # QA-schema rows round-trip through the same view.
-    assert qa_items([item.to_row() for item in items]) == items
+    assert qa_items([item.to_row(HARM_CATEGORIES) for item in items]) == items
 
 
 def test_prompts_are_distinct_in_order():
@@ -70,4 +71,17 @@ def test_conversations_come_from_every_row_kind_deduplicated():
         ("how do i hurt someone ?", "another answer ."),
     ]
     assert conversations(dual) == conversations(single) == expected
-    assert conversations([item.to_row() for item in qa_items(dual)]) == expected
+    assert conversations([item.to_row(HARM_CATEGORIES) for item in qa_items(dual)]) == expected
+
+
+def test_beavertails_rows_are_qa_items_without_severity():
+    rows = [beavertails_row(), beavertails_row(), beavertails_row(response="no .", flagged=())]
+    items = qa_items(rows)
+    assert len(items) == 2  # the repeated (prompt, response) counts once
+    assert items[0].categories == ("controversial_topics,politics", "self_harm")
+    assert items[0].severity is None and not items[0].is_safe
+    assert items[1].categories == () and items[1].is_safe
+    assert conversations(rows) == [
+        (rows[0]["prompt"], rows[0]["response"]),
+        (rows[2]["prompt"], "no ."),
+    ]

@@ -1,7 +1,8 @@
-"""The PKU-SafeRLHF row schema: harm categories, severity levels and row validation.
+"""The hub row schemas (PKU-SafeRLHF's three datasets and BeaverTails) and row validation.
 
 Pure Python (no torch): every loader and the embedded benchmark validate rows here, so a
-bad row is reported the same way whatever its source.
+bad row is reported the same way whatever its source. Category names are checked against a
+:class:`saferlhf.taxonomy.Taxonomy` (PKU-SafeRLHF's unless the run chose another).
 """
 
 from __future__ import annotations
@@ -11,36 +12,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from saferlhf.errors import UserError
+from saferlhf.taxonomy import PKU_SAFERLHF, SEVERITY_LEVELS, Taxonomy
 
-# The 19 harm categories of PKU-SafeRLHF, in the dataset card's order.
-HARM_CATEGORIES: tuple[str, ...] = (
-    "Endangering National Security",
-    "Insulting Behavior",
-    "Discriminatory Behavior",
-    "Endangering Public Health",
-    "Copyright Issues",
-    "Violence",
-    "Drugs",
-    "Privacy Violation",
-    "Economic Crime",
-    "Mental Manipulation",
-    "Human Trafficking",
-    "Physical Harm",
-    "Sexual Content",
-    "Cybercrime",
-    "Disrupting Public Order",
-    "Environmental Damage",
-    "Psychological Harm",
-    "White-Collar Crime",
-    "Animal Abuse",
-)
-SEVERITY_LEVELS: dict[int, str] = {0: "safe", 1: "minor", 2: "moderate", 3: "severe"}
+# The embedded benchmark's categories; rows are checked against the run's taxonomy.
+HARM_CATEGORIES: tuple[str, ...] = PKU_SAFERLHF.categories
 
 # Row kinds: which hub dataset a row follows.
 PREFERENCE = "preference"  # PKU-Alignment/PKU-SafeRLHF (dual preference)
 SINGLE = "single"  # PKU-Alignment/PKU-SafeRLHF-single-dimension
 QA = "qa"  # PKU-Alignment/PKU-SafeRLHF-QA
-ROW_KINDS = (PREFERENCE, SINGLE, QA)
+BEAVERTAILS = "beavertails"  # PKU-Alignment/BeaverTails: QA rows with flags, no severity
+ROW_KINDS = (PREFERENCE, SINGLE, QA, BEAVERTAILS)
 
 _RESPONSE_FIELDS = {"prompt": str, "response_0": str, "response_1": str}
 _SAFETY_FIELDS = {
@@ -62,6 +44,7 @@ REQUIRED_FIELDS: dict[str, dict[str, type]] = {
         "harm_category": dict,
         "severity_level": int,
     },
+    BEAVERTAILS: {"prompt": str, "response": str, "category": dict, "is_safe": bool},
 }
 
 
@@ -104,26 +87,35 @@ def _check_type(row: Mapping[str, Any], field: str, expected: type) -> str | Non
     return None
 
 
-def _check_harm_categories(value: Mapping[str, Any]) -> str | None:
-    unknown = sorted(set(value) - set(HARM_CATEGORIES))
+def _check_harm_categories(value: Mapping[str, Any], taxonomy: Taxonomy) -> str | None:
+    unknown = sorted(set(value) - set(taxonomy.categories))
     if unknown:
-        return f"unknown harm categories {unknown}; expected names from {list(HARM_CATEGORIES)}"
+        return (
+            f"unknown harm categories {unknown}; taxonomy={taxonomy.name} has "
+            f"{list(taxonomy.categories)}"
+        )
     bad = [name for name, flag in value.items() if not isinstance(flag, bool) and flag is not None]
     if bad:
         return f"harm category values must be booleans, not for {bad}"
     return None
 
 
-def row_problem(row: Mapping[str, Any], kind: str) -> tuple[str, str] | None:
-    """Return ``(field, reason)`` for the first schema violation of ``row``, or None if valid."""
+def row_problem(
+    row: Mapping[str, Any], kind: str, taxonomy: Taxonomy = PKU_SAFERLHF
+) -> tuple[str, str] | None:
+    """Return ``(field, reason)`` for the first schema violation of ``row``, or None if valid;
+    category names must be ``taxonomy``'s."""
     if kind not in REQUIRED_FIELDS:
         raise ValueError(f"unknown row kind {kind!r}; expected one of {ROW_KINDS}")
     for field, expected in REQUIRED_FIELDS[kind].items():
         reason = _check_type(row, field, expected)
         if reason:
             return field, reason
+    if kind == BEAVERTAILS:
+        problem = _check_harm_categories(row["category"], taxonomy)
+        return ("category", problem) if problem else None
     if kind == QA:
-        return _check_response(row, "harm_category", "severity_level", "is_safe")
+        return _check_response(row, "harm_category", "severity_level", taxonomy)
     for field in ("better_response_id", "safer_response_id"):
         if field in REQUIRED_FIELDS[kind] and row[field] not in (0, 1):
             return field, f"response id must be 0 or 1, got {row[field]!r}"
@@ -131,10 +123,7 @@ def row_problem(row: Mapping[str, Any], kind: str) -> tuple[str, str] | None:
         return None
     for i in (0, 1):
         problem = _check_response(
-            row,
-            f"response_{i}_harm_category",
-            f"response_{i}_severity_level",
-            f"is_response_{i}_safe",
+            row, f"response_{i}_harm_category", f"response_{i}_severity_level", taxonomy
         )
         if problem:
             return problem
@@ -148,9 +137,9 @@ def row_problem(row: Mapping[str, Any], kind: str) -> tuple[str, str] | None:
 
 
 def _check_response(
-    row: Mapping[str, Any], category_field: str, severity_field: str, safe_field: str
-):
-    problem = _check_harm_categories(row[category_field])
+    row: Mapping[str, Any], category_field: str, severity_field: str, taxonomy: Taxonomy
+) -> tuple[str, str] | None:
+    problem = _check_harm_categories(row[category_field], taxonomy)
     if problem:
         return category_field, problem
     severity = row[severity_field]
@@ -159,9 +148,11 @@ def _check_response(
     return None
 
 
-def validate_row(row: Mapping[str, Any], kind: str, source: str, index: int) -> None:
+def validate_row(
+    row: Mapping[str, Any], kind: str, source: str, index: int, taxonomy: Taxonomy = PKU_SAFERLHF
+) -> None:
     """Raise :class:`RowError` naming ``source``, row ``index`` and the field if ``row`` is invalid."""
-    problem = row_problem(row, kind)
+    problem = row_problem(row, kind, taxonomy)
     if problem:
         raise RowError(source, index, *problem)
 
@@ -170,7 +161,7 @@ def detect_kind(columns: set[str] | list[str]) -> str:
     """Guess the row kind from a dataset's column names (the hub datasets differ in columns)."""
     columns = set(columns)
     if "response" in columns and "response_0" not in columns:
-        return QA
+        return BEAVERTAILS if "category" in columns and "harm_category" not in columns else QA
     if "safer_response_id" in columns:
         return PREFERENCE
     return SINGLE

@@ -1,9 +1,12 @@
 """Turn ``cfg.data`` into a validated ``datasets.DatasetDict`` with ``train`` and ``test`` splits.
 
 Three sources, one contract: the Hugging Face hub (``datasets.load_dataset``), local files in
-the hub schema (jsonl, json, parquet, csv) and the embedded benchmark. Every source is read into
-rows exactly as written, each with the number a user finds it under; every row is validated
-against :mod:`saferlhf.data.schema` (types are checked, never converted), and the valid rows
+the hub schema (jsonl, json, parquet, csv) and the embedded benchmark. Rows follow one of the
+hub schemas (PKU-SafeRLHF's dual, single and QA rows, or BeaverTails'), and their category
+names are the run's taxonomy's (``cfg.taxonomy``; the benchmark is PKU-SafeRLHF's only). Every
+source is read into rows exactly as written, each with the number a user finds it under; every
+row is validated against :mod:`saferlhf.data.schema` (types are checked, never converted), and
+the valid rows
 become a ``datasets.Dataset`` of the row kind's columns with explicit features (other columns
 are not kept). Rows that repeat and test prompts that train has too are counted and warned
 about, never dropped. A bad row raises an error
@@ -36,7 +39,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 from saferlhf.data import benchmark, schema
-from saferlhf.errors import UserError
+from saferlhf.errors import ConfigError, UserError
+from saferlhf.taxonomy import PKU_SAFERLHF, Taxonomy, taxonomy_from_config
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +138,18 @@ class LoadedData:
         return path
 
 
-def load_data(data_cfg: Mapping[str, Any]) -> LoadedData:
-    """Load, validate and split the data described by ``cfg.data``."""
+def load_data(data_cfg: Mapping[str, Any], taxonomy: Taxonomy | None = None) -> LoadedData:
+    """Load, validate and split the data described by ``cfg.data``; category names must be
+    ``taxonomy``'s (by default the run config's ``taxonomy``, or PKU-SafeRLHF's outside one)."""
     if data_cfg["on_bad_row"] not in ON_BAD_ROW:
         raise DataSourceError(
             f"data.on_bad_row={data_cfg['on_bad_row']!r}: expected one of {ON_BAD_ROW}"
+        )
+    taxonomy = taxonomy or _run_taxonomy(data_cfg)
+    if data_cfg["source"] == "benchmark" and taxonomy.categories != schema.HARM_CATEGORIES:
+        raise ConfigError(
+            f"data=benchmark is labelled with PKU-SafeRLHF's categories, not taxonomy="
+            f"{taxonomy.name}'s: run it with taxonomy=pku_saferlhf"
         )
     loaders: dict[str, Callable[[Mapping[str, Any]], dict[str, list[Part]]]] = {
         "benchmark": _benchmark_parts,
@@ -154,13 +165,19 @@ def load_data(data_cfg: Mapping[str, Any]) -> LoadedData:
         if not part.rows:
             raise DataSourceError(f"{part.source}: empty, no rows to read")
     kind = _resolve_kind(data_cfg, parts)
+    if kind == schema.BEAVERTAILS and taxonomy.has_severity:
+        raise DataSourceError(
+            f"{parts['train'][0].source}: BeaverTails rows have no severity levels, which "
+            f"taxonomy={taxonomy.name} expects: run with taxonomy=beavertails (data=beavertails "
+            "selects it) or a taxonomy file with severity: false"
+        )
     skipped: list[SkippedRow] = []
     rows: dict[str, list[dict[str, Any]]] = {}
     origins: dict[str, list[Origin]] = {}
     for split, split_parts in parts.items():
         rows[split], origins[split] = [], []
         for part in split_parts:
-            for number, row in _validate(part, kind, data_cfg["on_bad_row"], skipped):
+            for number, row in _validate(part, kind, taxonomy, data_cfg["on_bad_row"], skipped):
                 rows[split].append(row)
                 origins[split].append(Origin(part.source, number))
         if not rows[split]:
@@ -171,7 +188,7 @@ def load_data(data_cfg: Mapping[str, Any]) -> LoadedData:
         log.warning("skipped %d invalid rows (data.on_bad_row=skip)", len(skipped))
     repeats = find_repeats(rows, origins)
     _warn_repeats(repeats)
-    features = _features(kind)
+    features = _features(kind, taxonomy)
     splits = {split: datasets.Dataset.from_list(rows[split], features=features) for split in SPLITS}
     return LoadedData(datasets.DatasetDict(splits), kind, skipped, repeats)
 
@@ -194,6 +211,18 @@ def _resolve_kind(data_cfg: Mapping[str, Any], parts: dict[str, list[Part]]) -> 
     return kind
 
 
+def _run_taxonomy(data_cfg: Mapping[str, Any]) -> Taxonomy:
+    """The taxonomy of the run config whose ``data`` node this is (PKU-SafeRLHF's outside one)."""
+    if isinstance(data_cfg, DictConfig):
+        try:
+            taxonomy_cfg = OmegaConf.select(data_cfg, "..taxonomy", default=None)
+        except ConfigKeyError:  # a data config on its own, not inside a run config
+            taxonomy_cfg = None
+        if taxonomy_cfg is not None:
+            return taxonomy_from_config(taxonomy_cfg)
+    return PKU_SAFERLHF
+
+
 def _selected_preference(data_cfg: Mapping[str, Any]) -> str | None:
     """``preference.name`` of the run config whose ``data`` node this is (None outside one)."""
     if not isinstance(data_cfg, DictConfig):
@@ -204,9 +233,9 @@ def _selected_preference(data_cfg: Mapping[str, Any]) -> str | None:
         return None
 
 
-def _features(kind: str) -> datasets.Features:
+def _features(kind: str, taxonomy: Taxonomy) -> datasets.Features:
     """The row kind's schema as ``datasets`` features; other columns are not kept."""
-    categories = {name: datasets.Value("bool") for name in schema.HARM_CATEGORIES}
+    categories = {name: datasets.Value("bool") for name in taxonomy.categories}
     arrow = {
         str: datasets.Value("string"),
         int: datasets.Value("int64"),
@@ -221,7 +250,7 @@ def _features(kind: str) -> datasets.Features:
 
 
 def _validate(
-    part: Part, kind: str, on_bad_row: str, skipped: list[SkippedRow]
+    part: Part, kind: str, taxonomy: Taxonomy, on_bad_row: str, skipped: list[SkippedRow]
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(number, row)`` for every valid row, holding the schema's fields; raise on the first bad
     row, or (skip) record each bad row as it was read."""
@@ -238,7 +267,7 @@ def _validate(
             row, problem = _typed(read.data, kind, part.text_cells)
         if problem is None:
             row = _normalise(row, kind)
-            problem = schema.row_problem(row, kind)
+            problem = schema.row_problem(row, kind, taxonomy)
         if problem is None:
             yield read.number, {name: row[name] for name in schema.REQUIRED_FIELDS[kind]}
         elif on_bad_row == "raise":
@@ -442,7 +471,7 @@ def qa_rows_from_preference(rows) -> list[dict[str, Any]]:
     """QA-schema rows (one response each) from preference rows; see views.qa_items."""
     from saferlhf.data.views import qa_items
 
-    return [item.to_row() for item in qa_items(rows)]
+    return [item.to_row(schema.HARM_CATEGORIES) for item in qa_items(rows)]
 
 
 # -- the hub -----------------------------------------------------------------------------------

@@ -6,11 +6,9 @@ Rows are hub-schema mappings (a ``datasets.Dataset`` or a list of dicts). No tok
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-from saferlhf.data.schema import HARM_CATEGORIES
 
 Rows = Iterable[Mapping[str, Any]]
 
@@ -40,20 +38,21 @@ class SafetyPair:
 
 @dataclass(frozen=True)
 class QAItem:
-    """One response with its safety annotation (the PKU-SafeRLHF-QA schema)."""
+    """One response with its safety annotation (PKU-SafeRLHF-QA or BeaverTails rows)."""
 
     prompt: str
     response: str
     is_safe: bool
-    categories: tuple[str, ...]  # names, in card order
-    severity: int
+    categories: tuple[str, ...]  # the names flagged true, in the row's (the taxonomy's) order
+    severity: int | None  # None for rows without severity levels (BeaverTails)
 
-    def to_row(self) -> dict[str, Any]:
+    def to_row(self, categories: Sequence[str]) -> dict[str, Any]:
+        """The PKU-SafeRLHF-QA row, flagging each of ``categories`` (the taxonomy's names)."""
         return {
             "prompt": self.prompt,
             "response": self.response,
             "is_safe": self.is_safe,
-            "harm_category": {name: name in self.categories for name in HARM_CATEGORIES},
+            "harm_category": {name: name in self.categories for name in categories},
             "severity_level": self.severity,
         }
 
@@ -101,15 +100,18 @@ def qa_key(prompt: str, response: str) -> str:
 
 
 def _categories(flags: Mapping[str, Any]) -> tuple[str, ...]:
-    return tuple(name for name in HARM_CATEGORIES if flags.get(name))
+    return tuple(name for name, flag in flags.items() if flag)
 
 
 def qa_items(rows: Rows) -> list[QAItem]:
-    """QA items from preference rows (two per row) or QA rows, deduplicated by :func:`qa_key`."""
+    """QA items from preference rows (two per row), QA rows or BeaverTails rows (no severity),
+    deduplicated by :func:`qa_key`."""
     seen: set[str] = set()
     items = []
     for row in rows:
-        if "response" in row:
+        if "category" in row:
+            candidates = [(row["response"], row["is_safe"], row["category"], None)]
+        elif "response" in row:
             candidates = [
                 (row["response"], row["is_safe"], row["harm_category"], row["severity_level"])
             ]
