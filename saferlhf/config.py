@@ -507,9 +507,40 @@ def value_error(key: str, value: Any, ranges: dict[str, Interval] = RANGES) -> s
     return None
 
 
+def generation_budgets(cfg: dict[str, Any]) -> Iterator[tuple[str, int]]:
+    """``(key, value)`` of each ``max_new_tokens`` the task generates with: its own
+    ``task.sampling``, and ``algo.sampling`` for PPO's rollouts and for DPO's gold evaluation,
+    which runs on the benchmark only."""
+    task = cfg["task"]
+    if "sampling" in task:
+        yield "task.sampling.max_new_tokens", task["sampling"]["max_new_tokens"]
+    if task["name"] == "ppo" or (task["name"] == "dpo" and cfg["data"]["source"] == "benchmark"):
+        yield "algo.sampling.max_new_tokens", cfg["algo"]["sampling"]["max_new_tokens"]
+
+
+def combination_error(cfg: dict[str, Any]) -> str | None:
+    """Why values that are each in range cannot go together, naming both keys, or None."""
+    max_length = cfg["model"]["max_length"]
+    for key, max_new_tokens in generation_budgets(cfg):
+        if max_length <= max_new_tokens:
+            return (
+                f"model.max_length={max_length}: expected a value > {key}={max_new_tokens}, "
+                "so that a prompt has room before the generated tokens"
+            )
+    lagrange = cfg["lagrange"]
+    lambda_init, lambda_max = lagrange.get("lambda_init"), lagrange.get("lambda_max")
+    if lambda_init is not None and lambda_max is not None and lambda_init > lambda_max:
+        return (
+            f"lagrange.lambda_init={lambda_init}: expected a value <= "
+            f"lagrange.lambda_max={lambda_max}"
+        )
+    return None
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Refuse, naming the key, a value the schema's types let through but no run can use: a
-    missing or unresolvable value, a non-finite number, a size, rate or share out of range."""
+    missing or unresolvable value, a non-finite number, a size, rate or share out of range,
+    values that cannot go together, judge settings that cannot work or would leak."""
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as error:
@@ -519,3 +550,13 @@ def validate_config(cfg: DictConfig) -> None:
         problem = value_error(key, value)
         if problem:
             raise ConfigError(f"{key}={value}: {problem}")
+    problem = combination_error(resolved)
+    if problem:
+        raise ConfigError(problem)
+    judge = resolved["task"].get("judge")
+    if judge and judge["enabled"]:
+        # Here, before the run dir's config.yaml is written: a refused base_url may hold a
+        # password. Imported only when needed: it brings torch.
+        from saferlhf.evaluate.judge import check_settings
+
+        check_settings(judge)

@@ -148,6 +148,78 @@ def test_a_value_no_run_can_use_is_refused_naming_its_key(compose_cfg, overrides
     assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["task=ppo", "model.max_length=48"],
+            "model.max_length=48: expected a value > algo.sampling.max_new_tokens=48",
+        ),
+        (
+            ["task=dpo", "model.max_length=20", "algo.sampling.max_new_tokens=30"],
+            "model.max_length=20: expected a value > algo.sampling.max_new_tokens=30",
+        ),
+        (
+            ["task=generate", "model.max_length=64", "task.sampling.max_new_tokens=100"],
+            "model.max_length=64: expected a value > task.sampling.max_new_tokens=100",
+        ),
+        (
+            ["task=evaluate", "model.max_length=12"],
+            "model.max_length=12: expected a value > task.sampling.max_new_tokens=48",
+        ),
+        (
+            ["task=ppo", "lagrange.lambda_init=5.5", "lagrange.lambda_max=5"],
+            "lagrange.lambda_init=5.5: expected a value <= lagrange.lambda_max=5.0",
+        ),
+    ],
+)
+def test_values_that_cannot_go_together_are_refused_naming_both_keys(
+    compose_cfg, overrides, message
+):
+    with pytest.raises(ConfigError) as refused:
+        validate_config(compose_cfg(*overrides))
+    assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["task=ppo", "model.max_length=49"],  # one token of prompt room is enough here
+        ["task=sft", "model.max_length=40"],  # samples nothing
+        ["task=moderation", "model.max_length=16"],
+        ["task=dpo", "data=local", "data.path=x", "model.max_length=40"],  # no gold sampling
+        ["task=ppo", "lagrange.lambda_init=5", "lagrange.lambda_max=5"],
+        ["task=ppo", "lagrange=fixed", "lagrange.lambda_value=50"],  # no lambda_max to exceed
+    ],
+)
+def test_values_that_go_together_pass(compose_cfg, overrides):
+    validate_config(compose_cfg(*overrides))
+
+
+def test_judge_settings_are_refused_with_the_config_before_the_run_dir_holds_them(tmp_path):
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "saferlhf.cli",
+            "task=evaluate",
+            f"+task.policies.sft={tmp_path}",
+            "task.judge.enabled=true",
+            "task.judge.base_url=https://ann:s3cret-pw@judge.example/v1",
+            "task.judge.model=m",
+            f"hydra.run.dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("saferlhf: error: task.judge.base_url='https://***@judge")
+    assert "s3cret-pw" not in result.stderr
+    assert not (run_dir / "config.yaml").exists()
+
+
 def test_null_turns_an_option_off_and_is_not_range_checked(compose_cfg):
     validate_config(compose_cfg("algo.score_clip=null", "num_threads=null"))
     assert value_error("algo.score_clip", None) is None
