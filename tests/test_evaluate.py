@@ -2,6 +2,7 @@
 three tiny untrained policies (two of them the same folder) with reward, cost and moderation."""
 
 import json
+import re
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,6 +18,7 @@ from saferlhf.cli import run
 from saferlhf.config import register_configs
 from saferlhf.data.benchmark import Oracle
 from saferlhf.data.collate import tokenize_conversations
+from saferlhf.errors import ConfigError
 from saferlhf.evaluate import judge
 from saferlhf.evaluate.gold import gold_metrics
 from saferlhf.evaluate.policy import (
@@ -29,6 +31,7 @@ from saferlhf.evaluate.policy import (
 )
 from saferlhf.models import build_causal_lm, build_score_model, save_artifact
 from saferlhf.run import read_summary
+from saferlhf.tasks.common import ConfigPathError
 from tests.tiny import benchmark_tokenizer, micro_model_cfg
 
 # -- pure functions, by hand -------------------------------------------------------------------
@@ -132,11 +135,25 @@ def test_prompts_file_reads_prompts_and_names_the_bad_line(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text('{"prompt": "how can i grow tomatoes ?"}\n\n{"prompt": "hi", "id": 2}\n')
     assert read_prompts_file(good) == ["how can i grow tomatoes ?", "hi"]
-    for line in ("{not json", '{"text": "hi"}', '["hi"]', '{"prompt": ""}'):
+    bad_lines = {
+        b"{not json": "not valid JSON",
+        b'{"text": "hi"}': '"prompt" string',
+        b'["hi"]': '"prompt" string',
+        b'{"prompt": ""}': '"prompt" string',
+        b'{"prompt": "caf\xe9"}': "not UTF-8",  # Latin-1, not UTF-8
+        b'{"prompt": "x\\udc80"}': "lone surrogate U+DC80",  # valid JSON, not valid Unicode
+    }
+    for line, reason in bad_lines.items():
         bad = tmp_path / "bad.jsonl"
-        bad.write_text(f'{{"prompt": "hi"}}\n{{"prompt": "there"}}\n{line}\n')
-        with pytest.raises(ValueError, match=rf"{bad}, line 3"):
+        bad.write_bytes(b'{"prompt": "hi"}\n{"prompt": "there"}\n' + line + b"\n")
+        where = re.escape(f"task.prompts_file {bad}, line 3: ")
+        with pytest.raises(ConfigError, match=f"{where}.*{re.escape(reason)}"):
             read_prompts_file(bad)
+    with pytest.raises(ConfigPathError, match=r"task.prompts_file='.*none.jsonl': no such file"):
+        read_prompts_file(tmp_path / "none.jsonl")
+    (tmp_path / "blank.jsonl").write_text("\n \n")
+    with pytest.raises(ConfigError, match="has no prompts"):
+        read_prompts_file(tmp_path / "blank.jsonl")
 
 
 # -- a local chat-completions server -----------------------------------------------------------
@@ -497,17 +514,19 @@ def test_a_bad_prompts_file_line_is_an_error_naming_file_and_line(artifacts, tmp
     "overrides, error, words",
     [
         ((), None, None),  # filled in below: no policies at all
-        (("+task.policies.ppo=/no/such/dir",), FileNotFoundError, "task.policies.ppo"),
-        (("init.reward=/no/such/dir",), FileNotFoundError, "init.reward"),
-        (("init.moderation=/no/such/dir",), FileNotFoundError, "init.moderation"),
-        (("task.baseline=ppo_lag",), ValueError, "task.baseline='ppo_lag'"),
-        (("task.judge.enabled=true",), ValueError, "task.judge.base_url"),
+        (("+task.policies.ppo=/no/such/dir",), ConfigPathError, "task.policies.ppo"),
+        (("init.reward=/no/such/dir",), ConfigPathError, "init.reward"),
+        (("init.moderation=/no/such/dir",), ConfigPathError, "init.moderation"),
+        (("task.prompts_file=/no/such/prompts.jsonl",), ConfigPathError, "task.prompts_file"),
+        (("task.baseline=ppo_lag",), ConfigError, "task.baseline='ppo_lag'"),
+        (("task.judge.enabled=true",), ConfigError, "task.judge.base_url"),
+        (("task.sampling.max_new_tokens=200",), ConfigError, "model.max_length=128: expected"),
     ],
 )
 def test_bad_inputs_are_errors_naming_the_key(artifacts, tmp_path, overrides, error, words):
     if error is None:
         cfg = _compose("task=evaluate", "logger=none")
-        error, words = ValueError, r"\+task.policies.NAME=DIR"
+        error, words = ConfigError, r"\+task.policies.NAME=DIR"
     else:
         cfg = _evaluate_cfg(artifacts, *overrides)
     with pytest.raises(error, match=words):

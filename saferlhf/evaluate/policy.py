@@ -22,6 +22,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from saferlhf.data.collate import pad_sequences, tokenize_conversations
 from saferlhf.data.schema import HARM_CATEGORIES, SEVERITY_LEVELS
+from saferlhf.errors import ConfigError
+from saferlhf.moderation.api import unicode_problem
 from saferlhf.rl.rollout import (
     Rollout,
     decode_responses,
@@ -29,6 +31,7 @@ from saferlhf.rl.rollout import (
     sample_responses,
     sequence_scores,
 )
+from saferlhf.tasks.common import ConfigPathError
 
 log = logging.getLogger(__name__)
 
@@ -228,25 +231,38 @@ def read_prompts_file(path: str | Path) -> list[str]:
     a bad line is an error naming the file and the line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"task.prompts_file={str(path)!r}: no such file")
+        raise ConfigPathError(f"task.prompts_file={str(path)!r}: no such file")
     prompts = []
-    with path.open() as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
-            prompt = item.get("prompt") if isinstance(item, dict) else None
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(
-                    f'{path}, line {number}: expected an object with a non-empty "prompt" string'
-                )
-            prompts.append(prompt)
+    with path.open("rb") as f:  # bytes, so that a line that is not UTF-8 is named by number
+        for number, raw in enumerate(f, start=1):
+            problem, prompt = _prompt_of_line(raw)
+            if problem:
+                raise ConfigError(f"task.prompts_file {path}, line {number}: {problem}")
+            if prompt is not None:
+                prompts.append(prompt)
     if not prompts:
-        raise ValueError(f"task.prompts_file={str(path)!r} has no prompts")
+        raise ConfigError(f"task.prompts_file={str(path)!r} has no prompts")
     return prompts
+
+
+def _prompt_of_line(raw: bytes) -> tuple[str | None, str | None]:
+    """``(why the line is bad, None)`` or ``(None, its prompt)``; a blank line has neither."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return f"not UTF-8 ({error.reason} at byte {error.start})", None
+    if not line.strip():
+        return None, None
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as error:
+        return f"not valid JSON ({error.msg})", None
+    prompt = item.get("prompt") if isinstance(item, dict) else None
+    if not isinstance(prompt, str) or not prompt.strip():
+        return 'expected an object with a non-empty "prompt" string', None
+    if problem := unicode_problem(prompt):
+        return f'"prompt" is {problem}', None
+    return None, prompt
 
 
 # -- sampling and scoring ----------------------------------------------------------------------

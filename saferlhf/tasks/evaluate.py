@@ -29,13 +29,14 @@ from saferlhf.data import views
 from saferlhf.data.benchmark import GoldScore, Oracle
 from saferlhf.data.collate import tokenize_prompts
 from saferlhf.data.sources import load_data
+from saferlhf.errors import ConfigError
 from saferlhf.evaluate import policy as pe
 from saferlhf.evaluate.gold import fixed_eval_prompts, gold_metrics
 from saferlhf.evaluate.judge import judge_pair
 from saferlhf.evaluate.plots import plot_policy_means
 from saferlhf.models import build_causal_lm, build_score_model, load_tokenizer
 from saferlhf.run import RunContext, TaskResult
-from saferlhf.tasks.common import required_artifact
+from saferlhf.tasks.common import ConfigPathError, required_artifact
 
 log = logging.getLogger(__name__)
 
@@ -106,17 +107,17 @@ class PolicyEval:
 def _policy_dirs(task: DictConfig) -> dict[str, str]:
     policies = dict(task.policies)
     if not policies:
-        raise ValueError(
+        raise ConfigError(
             "task=evaluate needs at least one policy: +task.policies.NAME=DIR (e.g. "
             "+task.policies.sft=RUN/artifacts/policy +task.policies.ppo_lag=RUN/artifacts/policy)"
         )
     for name, path in policies.items():
         if not path or not Path(path).is_dir():
-            raise FileNotFoundError(
+            raise ConfigPathError(
                 f"task.policies.{name}={path!r} is not a directory (expected a policy folder)"
             )
     if task.baseline is not None and task.baseline not in policies:
-        raise ValueError(
+        raise ConfigError(
             f"task.baseline={task.baseline!r} is not one of task.policies ({', '.join(policies)}):"
             " set task.baseline=NAME, or task.baseline=null for no pairwise comparison"
         )
@@ -181,12 +182,7 @@ def _evaluate_policy(
     task = cfg.task
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     model = build_causal_lm(_with_path(cfg, path), tokenizer).to(device).eval()
-    max_prompt = cfg.model.max_length - task.sampling.max_new_tokens
-    if max_prompt <= 0:
-        raise ValueError(
-            f"task.sampling.max_new_tokens={task.sampling.max_new_tokens} leaves no room for the "
-            f"prompt in model.max_length={cfg.model.max_length}"
-        )
+    max_prompt = cfg.model.max_length - task.sampling.max_new_tokens  # > 0 (validate_config)
     samples = pe.sample_and_score(
         model,
         tokenizer,
@@ -330,14 +326,9 @@ def _plots(
 
 def evaluate_task(run: RunContext) -> TaskResult:
     cfg, task = run.cfg, run.cfg.task
-    # Check every input before loading any model.
+    # Check every input before loading any model (the judge's settings came with the config).
     policies = _policy_dirs(task)
     baseline = task.baseline
-    if task.judge.enabled and not (task.judge.base_url and task.judge.model):
-        raise ValueError(
-            "task.judge.enabled=true needs task.judge.base_url (e.g. http://localhost:8000/v1) "
-            "and task.judge.model"
-        )
     for key in ("reward", "cost", "moderation"):
         if cfg.init[key]:
             required_artifact(cfg, key)
