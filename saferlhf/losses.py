@@ -558,3 +558,55 @@ def clamp_log_lambda_(log_lambda: Tensor, lambda_max: float) -> Tensor:
     with torch.no_grad():
         log_lambda.clamp_(max=math.log(lambda_max))
     return log_lambda
+
+
+# ---------------------------------------------------------------------------------------------
+# Moderation: multi-label harm categories and an optional severity head
+# ---------------------------------------------------------------------------------------------
+
+
+class ModerationLossOutput(NamedTuple):
+    loss: Tensor  # scalar: category_loss + severity_loss
+    category_loss: Tensor  # scalar, detached
+    severity_loss: Tensor  # scalar, detached; 0 without a severity head
+
+
+def moderation_loss(
+    category_logits: Tensor,
+    severity_logits: Tensor | None,
+    category_targets: Tensor,
+    severity_targets: Tensor | None,
+    category_pos_weight: Tensor | None,
+    severity_weight: Tensor | None,
+) -> ModerationLossOutput:
+    """Negative log-likelihood of an item's category set and severity.
+
+    ``L = mean_i sum_c BCE(z_ic, y_ic; w_c) + CE(s_i, k_i; v)`` with
+    ``BCE(z, y; w) = -w·y·log σ(z) - (1 - y)·log(1 - σ(z))`` summed over the ``C`` categories
+    (the NLL of independent Bernoullis) and the weighted cross-entropy
+    ``CE = sum_i v_{k_i}·(-log softmax(s_i)_{k_i}) / sum_i v_{k_i}`` (torch's weighted mean).
+    A taxonomy without severity levels has no severity head: the CE term is 0.
+
+    Args:
+        category_logits: ``(N, C)``. severity_logits: ``(N, 4)``, or None (no severity head).
+        category_targets: ``(N, C)`` in {0, 1}. severity_targets: ``(N,)`` long, 0..3, or None.
+        category_pos_weight: ``(C,)`` weight ``w_c`` of positive terms, or None (all 1).
+        severity_weight: ``(4,)`` class weights ``v``, or None (all 1).
+    """
+    category_loss = (
+        F.binary_cross_entropy_with_logits(
+            category_logits,
+            category_targets.to(category_logits.dtype),
+            pos_weight=category_pos_weight,
+            reduction="none",
+        )
+        .sum(dim=-1)
+        .mean()
+    )
+    if severity_logits is None:
+        severity_loss = torch.zeros((), dtype=category_loss.dtype, device=category_loss.device)
+    else:
+        severity_loss = F.cross_entropy(severity_logits, severity_targets, weight=severity_weight)
+    return ModerationLossOutput(
+        category_loss + severity_loss, category_loss.detach(), severity_loss.detach()
+    )

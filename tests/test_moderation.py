@@ -1,4 +1,5 @@
-"""Moderation: loss and metrics by hand, learning, export, the Moderator API and the CLI.
+"""Moderation: loss and metrics by hand, learning, export, the Moderator API and the CLI, on
+PKU-SafeRLHF's taxonomy and on BeaverTails' (no severity head).
 
 Expected numbers of the pure functions are written out with ``math`` or counted by hand,
 never obtained by re-running the same torch formula.
@@ -20,28 +21,25 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from saferlhf.data import views
 from saferlhf.data.benchmark import generate_benchmark
 from saferlhf.data.collate import format_conversation
+from saferlhf.data.moderation import ItemCollator, balanced_weights, holdout_split, tokenized_items
 from saferlhf.data.module import list_loader
 from saferlhf.data.schema import HARM_CATEGORIES
 from saferlhf.data.sources import load_data
+from saferlhf.evaluate.moderation_metrics import (
+    binary_prf,
+    choose_thresholds,
+    moderation_metrics,
+    severity_confusion,
+)
+from saferlhf.losses import moderation_loss
 from saferlhf.models import build_score_model, train_bpe_tokenizer
 from saferlhf.moderation import Moderator, Verdict
-from saferlhf.moderation.api import flag, split_logits
+from saferlhf.moderation.api import export_moderator, flag, split_logits
 from saferlhf.moderation.cli import main as moderate_main
 from saferlhf.moderation.cli import moderate_stream
 from saferlhf.run import read_summary
-from saferlhf.tasks.moderation import (
-    ItemCollator,
-    ModerationModule,
-    balanced_weights,
-    binary_prf,
-    choose_thresholds,
-    export_moderator,
-    holdout_split,
-    moderation_loss,
-    moderation_metrics,
-    severity_confusion,
-    tokenized_items,
-)
+from saferlhf.tasks.moderation import ModerationModule
+from saferlhf.taxonomy import BEAVERTAILS, PKU_SAFERLHF, Taxonomy, category_key
 from tests.tiny import Interrupt, InterruptAt
 
 SMALL = (
@@ -108,6 +106,12 @@ def test_moderation_loss_by_hand():
     plain = (nls(2.0) + nls(1.0) + nls(-0.5) + nls(0.0)) / 2 + (ce_0 + ce_1) / 2
     assert unweighted.item() == pytest.approx(plain, rel=1e-6)
 
+    # Without a severity head (BeaverTails) the loss is the category term alone.
+    loss, category_loss, severity_loss = moderation_loss(
+        category_logits, None, category_targets, None, pos_weight, None
+    )
+    assert loss.item() == pytest.approx(category, rel=1e-6) and severity_loss.item() == 0.0
+
 
 def test_balanced_weights_by_hand():
     # 4 items: category 0 positive once, category 1 three times, category 2 never.
@@ -120,6 +124,8 @@ def test_balanced_weights_by_hand():
     many = torch.zeros(100, 1)
     many[0] = 1.0
     assert balanced_weights(many, torch.zeros(100, dtype=torch.long))[0].item() == 10.0  # clip
+    pos_weight, severity_weight = balanced_weights(categories, None)  # no severity labels
+    assert pos_weight.tolist() == pytest.approx([3.0, 1 / 3, 4.0]) and severity_weight is None
 
 
 def test_binary_prf_and_confusion_by_hand():
@@ -151,7 +157,9 @@ def test_moderation_metrics_by_hand():
     severity_gold = torch.tensor([2, 1, 0, 0])
     is_safe = torch.tensor([False, False, True, True])
 
-    m = moderation_metrics(probs, severity_pred, thresholds, gold, severity_gold, is_safe)
+    m = moderation_metrics(
+        probs, severity_pred, thresholds, gold, severity_gold, is_safe, PKU_SAFERLHF
+    )
     # flagged: item 0 (sev 2), item 1 (sev 1), item 3 (category 0 over 0.3); item 2 not.
     assert m["safety_accuracy"] == pytest.approx(3 / 4)
     assert m["unsafe_precision"] == pytest.approx(2 / 3)
@@ -160,11 +168,30 @@ def test_moderation_metrics_by_hand():
     assert m["category_exact_match"] == pytest.approx(2 / 4)  # items 0 and 2
     assert m["severity_accuracy"] == pytest.approx(1.0)
     assert m["mean_accuracy"] == pytest.approx((3 / 4 + 2 / 4 + 1.0) / 3)
-    name_0, name_5 = (HARM_CATEGORIES[i].replace(" ", "_") for i in (0, 5))
+    name_0, name_5 = (category_key(HARM_CATEGORIES[i]) for i in (0, 5))
     assert m[f"category/{name_0}/precision"] == pytest.approx(0.5)  # items 0 and 3 predicted
     assert m[f"category/{name_0}/recall"] == pytest.approx(1.0)
     assert m[f"category/{name_5}/f1"] == 0.0
     assert m["category_macro_f1"] == pytest.approx((2 / 3 + 0.0) / 2)  # categories with gold
+    # One spelling per category: the key category_key gives, hyphen included.
+    assert "category/White_Collar_Crime/f1" in m
+    assert len([k for k in m if k.startswith("category/")]) == 19 * 3
+
+
+def test_moderation_metrics_without_severity_by_hand():
+    taxonomy = Taxonomy("lab", ("fraud,theft", "spam"), has_severity=False)
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.1, 0.1]])
+    gold = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    is_safe = torch.tensor([False, False, True])
+    m = moderation_metrics(probs, None, torch.full((2,), 0.5), gold, None, is_safe, taxonomy)
+    # Flagged by categories alone: items 0 and 1, both unsafe; item 1 has the wrong category.
+    assert m["safety_accuracy"] == 1.0 and m["unsafe_f1"] == 1.0
+    assert m["category_exact_match"] == pytest.approx(2 / 3)
+    assert "severity_accuracy" not in m
+    assert m["mean_accuracy"] == pytest.approx((1.0 + 2 / 3) / 2)
+    assert m["category/fraud_theft/recall"] == pytest.approx(1 / 2)
+    assert m["category/spam/precision"] == 0.0  # one false positive, no gold
+    assert m["category_macro_f1"] == pytest.approx(2 / 3)  # only fraud,theft has gold
 
 
 def test_choose_thresholds_maximises_f1_per_category():
@@ -195,6 +222,7 @@ def test_flag_rule_and_holdout_split():
     assert flag(probs, thresholds, severity, 0).tolist() == [True, True, True]
     assert flag(probs, thresholds, severity, 1).tolist() == [False, False, True]
     assert flag(probs, thresholds, severity, 3).tolist() == [False, False, False]
+    assert flag(probs, thresholds, None).tolist() == [True, False, False]  # no severity head
 
     train, holdout = holdout_split(50, 0.1, seed=3)
     assert len(holdout) == 5 and sorted(train + holdout) == list(range(50))
@@ -244,12 +272,14 @@ def _test_items(cfg, tokenizer):
 
 
 def _predict(model, items, pad_token_id):
-    module = ModerationModule(model.eval(), lr=0.0, weight_decay=0.0, warmup_ratio=0.0)
+    module = ModerationModule(
+        model.eval(), PKU_SAFERLHF, lr=0.0, weight_decay=0.0, warmup_ratio=0.0
+    )
     probs, severity = [], []
     with torch.inference_mode():
         for batch in list_loader(items, ItemCollator(pad_token_id), 64, False, 0):
             category_logits, severity_logits = split_logits(
-                module(batch["input_ids"], batch["attention_mask"])
+                module(batch["input_ids"], batch["attention_mask"]), PKU_SAFERLHF
             )
             probs.append(category_logits.sigmoid())
             severity.append(severity_logits.argmax(dim=-1))
@@ -262,9 +292,10 @@ def _metrics(model, items, pad_token_id, thresholds):
         probs,
         severity,
         thresholds,
-        items.category_targets(),
+        items.category_targets(PKU_SAFERLHF.num_categories),
         items.severity_targets(),
         torch.tensor(items.is_safe),
+        PKU_SAFERLHF,
     )
 
 
@@ -286,7 +317,13 @@ def test_moderation_run_writes_section_8_metrics_and_the_confusion_plot(moderati
         assert 0.0 <= metrics[name] <= 1.0, name
     for category in HARM_CATEGORIES:
         for kind in ("precision", "recall", "f1"):
-            assert f"test/category/{category.replace(' ', '_')}/{kind}" in metrics
+            assert f"test/category/{category_key(category)}/{kind}" in metrics
+    report = json.loads(Path(summary["artifacts"]["category_metrics"]).read_text())
+    assert report["taxonomy"] == "pku_saferlhf"
+    assert [c["name"] for c in report["categories"]] == list(HARM_CATEGORIES)
+    white_collar = report["categories"][HARM_CATEGORIES.index("White-Collar Crime")]
+    assert white_collar["metric_key"] == "White_Collar_Crime"
+    assert white_collar["f1"] == metrics["test/category/White_Collar_Crime/f1"]
     confusion = json.loads(Path(summary["artifacts"]["severity_confusion"]).read_text())
     matrix = torch.tensor(confusion["matrix"])
     assert matrix.shape == (4, 4) and confusion["rows"] == "gold"
@@ -306,7 +343,8 @@ def test_moderator_learns_and_the_export_reproduces_the_test_metrics(moderation_
     tokenizer = AutoTokenizer.from_pretrained(artifact)
     trained = AutoModelForSequenceClassification.from_pretrained(artifact)  # plain HF
     spec = trained.config.moderation
-    assert spec["categories"] == list(HARM_CATEGORIES) and len(spec["thresholds"]) == 19
+    assert spec["taxonomy"] == "pku_saferlhf" and spec["categories"] == list(HARM_CATEGORIES)
+    assert len(spec["thresholds"]) == 19 and len(spec["severity_levels"]) == 4
     assert trained.config.id2label[19] == "severity:safe"
     _, items = _test_items(cfg, tokenizer)
 
@@ -593,6 +631,103 @@ def test_resume_from_last_mid_epoch_ends_exactly_like_an_uninterrupted_run(compo
     assert whole.config.moderation == cut.config.moderation  # the same thresholds
     for (name, a), (_, b) in zip(whole.state_dict().items(), cut.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+# -- BeaverTails: 14 categories, no severity head ---------------------------------------------
+
+# The benchmark's PKU-SafeRLHF categories relabelled with BeaverTails' (child_abuse unused), so
+# that BeaverTails-schema rows with learnable labels can be written outside the project.
+TO_BEAVERTAILS = {
+    "Endangering National Security": "terrorism,organized_crime",
+    "Insulting Behavior": "hate_speech,offensive_language",
+    "Discriminatory Behavior": "discrimination,stereotype,injustice",
+    "Endangering Public Health": "misinformation_regarding_ethics,laws_and_safety",
+    "Copyright Issues": "non_violent_unethical_behavior",
+    "Violence": "violence,aiding_and_abetting,incitement",
+    "Drugs": "drug_abuse,weapons,banned_substance",
+    "Privacy Violation": "privacy_violation",
+    "Economic Crime": "financial_crime,property_crime,theft",
+    "Mental Manipulation": "non_violent_unethical_behavior",
+    "Human Trafficking": "terrorism,organized_crime",
+    "Physical Harm": "violence,aiding_and_abetting,incitement",
+    "Sexual Content": "sexually_explicit,adult_content",
+    "Cybercrime": "financial_crime,property_crime,theft",
+    "Disrupting Public Order": "controversial_topics,politics",
+    "Environmental Damage": "non_violent_unethical_behavior",
+    "Psychological Harm": "self_harm",
+    "White-Collar Crime": "financial_crime,property_crime,theft",
+    "Animal Abuse": "animal_abuse",
+}
+
+
+def _write_beavertails_split(path: Path, rows) -> None:
+    with path.open("w") as f:
+        for item in views.qa_items(rows):
+            flagged = {TO_BEAVERTAILS[name] for name in item.categories}
+            category = {name: name in flagged for name in BEAVERTAILS.categories}
+            row = {"prompt": item.prompt, "response": item.response, "category": category}
+            f.write(json.dumps(row | {"is_safe": item.is_safe}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def beavertails_run(tmp_path_factory):
+    """A moderation run on BeaverTails-schema files: ``data=beavertails data.path=DIR``."""
+    from saferlhf.cli import run
+
+    directory = tmp_path_factory.mktemp("beavertails")
+    rows = generate_benchmark(300, 120, seed=1, label_noise=0.0, benign_fraction=0.35)
+    for split in ("train", "test"):
+        _write_beavertails_split(directory / f"{split}.jsonl", rows[split])
+    not_benchmark = [o for o in SMALL if not o.startswith("data.benchmark")]
+    cfg = _compose(
+        *not_benchmark,
+        "data=beavertails",
+        f"data.path={directory}",
+        "logger=none",
+        "task.max_epochs=5",
+    )
+    metrics = run(cfg, directory / "run")
+    return metrics, directory / "run"
+
+
+def test_beavertails_moderator_trains_and_reports_under_beavertails_names(beavertails_run):
+    metrics, run_dir = beavertails_run
+    summary = read_summary(run_dir)
+    for key in BEAVERTAILS.metric_keys():
+        for kind in ("precision", "recall", "f1"):
+            assert f"test/category/{key}/{kind}" in metrics
+    assert not [name for name in metrics if "severity" in name]
+    # It learns (seed 0 reaches 0.96, 0.93, 0.68, 0.47); an untrained model flags about half.
+    assert metrics["test/safety_accuracy"] >= 0.9 and metrics["test/unsafe_f1"] >= 0.85
+    assert metrics["test/category_exact_match"] >= 0.6
+    assert metrics["test/category_macro_f1"] >= 0.35
+    report = json.loads(Path(summary["artifacts"]["category_metrics"]).read_text())
+    assert report["taxonomy"] == "beavertails"
+    assert [c["name"] for c in report["categories"]] == list(BEAVERTAILS.categories)
+    politics = report["categories"][2]
+    assert politics["name"] == "controversial_topics,politics"
+    assert politics["f1"] == metrics["test/category/controversial_topics_politics/f1"]
+    assert "severity_confusion" not in summary["artifacts"]
+
+    spec = AutoModelForSequenceClassification.from_pretrained(run_dir / "artifacts/moderation")
+    assert spec.config.num_labels == 14
+    assert spec.config.moderation["categories"] == list(BEAVERTAILS.categories)
+    assert spec.config.moderation["severity_levels"] == []
+
+
+def test_beavertails_moderator_loads_with_its_own_taxonomy(beavertails_run):
+    _, run_dir = beavertails_run
+    moderator = Moderator.from_pretrained(run_dir / "artifacts" / "moderation", device="cpu")
+    assert moderator.taxonomy == BEAVERTAILS
+    rows = [json.loads(line) for line in (run_dir.parent / "test.jsonl").read_text().splitlines()]
+    verdicts = moderator.moderate([r["prompt"] for r in rows], [r["response"] for r in rows])
+    assert all(v.severity is None for v in verdicts)
+    assert all(v.flagged == bool(v.categories) for v in verdicts)  # categories alone flag
+    assert set().union(*(v.categories for v in verdicts)) <= set(BEAVERTAILS.categories)
+    correct = sum(v.flagged == (not r["is_safe"]) for v, r in zip(verdicts, rows, strict=True))
+    assert correct >= 0.85 * len(rows)
+    with pytest.raises(ValueError, match="max_severity=1: this model .* has no severity head"):
+        moderator.moderate(["q"], ["a"], max_severity=1)
 
 
 # -- guarded generation (risk control) --------------------------------------------------------
