@@ -15,6 +15,7 @@ from saferlhf.data.module import list_loader
 from saferlhf.data.schema import empty_harm_categories
 from saferlhf.data.sources import load_data
 from saferlhf.data.views import PreferencePair
+from saferlhf.errors import ConfigError
 from saferlhf.losses import dpo_loss
 from saferlhf.models import build_causal_lm, load_tokenizer
 from saferlhf.run import read_summary
@@ -87,10 +88,10 @@ def test_safety_first_puts_harmlessness_before_helpfulness(case):
 
 
 def test_unknown_dual_rule_is_named(compose_cfg, tmp_path):
-    with pytest.raises(ValueError, match="task.dual_rule='helpful_first'"):
+    with pytest.raises(ConfigError, match="task.dual_rule='helpful_first'"):
         dual_preference_pairs([preference_row()], "helpful_first")
     cfg = compose_cfg("task=dpo", *SMALL, f"init.policy={tmp_path}", "task.dual_rule=nope")
-    with pytest.raises(ValueError, match="task.dual_rule='nope'"):
+    with pytest.raises(ConfigError, match="task.dual_rule='nope'"):
         run(cfg, tmp_path / "run")
 
 
@@ -103,7 +104,7 @@ def test_missing_init_policy_is_named(compose_cfg, tmp_path):
 
 def test_dual_preference_needs_safety_labels(compose_cfg, tmp_path):
     cfg = compose_cfg("task=dpo", *SMALL, f"init.policy={tmp_path}", "data.kind=single")
-    with pytest.raises(ValueError, match="data.kind=single"):
+    with pytest.raises(ConfigError, match=r"data.kind=single rows \(needs preference\)"):
         run(cfg, tmp_path / "run")
 
 

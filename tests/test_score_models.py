@@ -16,12 +16,14 @@ from saferlhf.data.augment import corrupted_pairs
 from saferlhf.data.collate import tokenize_conversations
 from saferlhf.data.module import PairCollator, TokenizedPairs, list_loader
 from saferlhf.data.sources import load_data
+from saferlhf.errors import ConfigError
 from saferlhf.evaluate.metrics import pairwise_accuracy
-from saferlhf.models import build_score_model
+from saferlhf.models import build_score_model, save_artifact
 from saferlhf.run import read_summary
-from saferlhf.tasks.common import tokenizer_for
+from saferlhf.tasks import score
+from saferlhf.tasks.common import ConfigPathError, tokenizer_for
 from saferlhf.tasks.score import ScoreModule, tokenized_pairs
-from tests.tiny import Interrupt, InterruptAt
+from tests.tiny import Interrupt, InterruptAt, benchmark_tokenizer, micro_model_cfg
 
 SMALL = (
     "logger=csv",
@@ -143,6 +145,52 @@ def test_single_preference_trains_a_reward_model_and_no_cost_model(compose_cfg, 
     assert metrics["val/accuracy"] >= 0.65
     with pytest.raises(ValueError, match="preference=single"):
         run(compose_cfg("task=cost", "preference=single", *SMALL), tmp_path / "cost")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["task=cost", "preference=single"], "task=cost needs dual-preference data"),
+        (["task=cost", "task.corrupted_pairs=0.5"], "task.corrupted_pairs=0.5 is for reward"),
+    ],
+)
+def test_a_score_run_that_cannot_learn_is_refused_before_the_data_loads(
+    compose_cfg, tmp_path, monkeypatch, overrides, message
+):
+    def no_data(_):
+        raise AssertionError("the data was loaded before the config was refused")
+
+    monkeypatch.setattr(score, "load_data", no_data)
+    with pytest.raises(ConfigError, match=message):
+        run(compose_cfg(*overrides, *SMALL), tmp_path)
+
+
+@pytest.mark.parametrize("kind, needed", [("qa", "preference or single"), ("single", "preference")])
+def test_rows_a_score_model_cannot_learn_from_are_named(compose_cfg, tmp_path, kind, needed):
+    task = "cost" if kind == "single" else "reward"
+    cfg = compose_cfg(f"task={task}", f"data.kind={kind}", *SMALL)
+    with pytest.raises(ConfigError, match=rf"data.kind={kind} rows \(needs {needed}\)"):
+        run(cfg, tmp_path)
+
+
+def test_evaluate_score_names_a_bad_model_path_or_split(compose_cfg, tmp_path):
+    def evaluate(*overrides):
+        run(compose_cfg("task=evaluate_score", *SMALL[:3], *overrides), tmp_path / "run")
+
+    with pytest.raises(ConfigPathError, match="model_path=None"):
+        evaluate()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigPathError, match=r"model_path='.*empty'.*\(with a config.json\)"):
+        evaluate(f"model_path={tmp_path / 'empty'}")
+    tokenizer = benchmark_tokenizer(num_train=50, vocab_size=300)
+    model = build_score_model(micro_model_cfg(), tokenizer)
+    save_artifact(model, tokenizer, tmp_path / "unlabelled")  # no score_type in its config.json
+    with pytest.raises(ConfigError, match=r"model_path='.*unlabelled': .*score_type=None"):
+        evaluate(f"model_path={tmp_path / 'unlabelled'}")
+    model.config.score_type = "reward"
+    save_artifact(model, tokenizer, tmp_path / "reward")
+    with pytest.raises(ConfigError, match=r"task.split='dev': expected one of \['train', 'test'\]"):
+        evaluate(f"model_path={tmp_path / 'reward'}", "task.split=dev")
 
 
 def test_resume_from_last_mid_epoch_ends_exactly_like_an_uninterrupted_run(compose_cfg, tmp_path):

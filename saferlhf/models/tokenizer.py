@@ -8,6 +8,8 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from saferlhf.errors import ConfigError
+
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
 
@@ -49,7 +51,7 @@ def build_tokenizer(model_cfg: Any, texts: Iterable[str]) -> PreTrainedTokenizer
     if model_cfg.name_or_path:
         return load_tokenizer(model_cfg.name_or_path, model_cfg.trust_remote_code)
     if model_cfg.tokenizer is None:
-        raise ValueError(
+        raise ConfigError(
             f"model.tokenizer is required when model.name_or_path is unset (model={model_cfg.name})"
         )
     return train_bpe_tokenizer(

@@ -45,6 +45,7 @@ from saferlhf.data import schema, views
 from saferlhf.data.collate import tokenize_prompts, tokenize_sft_examples
 from saferlhf.data.module import LanguageModelingCollator, ListDataModule
 from saferlhf.data.sources import load_data
+from saferlhf.errors import ConfigError
 from saferlhf.evaluate.gold import fixed_eval_prompts, gold_metrics
 from saferlhf.losses import dpo_loss, sequence_log_probs
 from saferlhf.models import load_tokenizer, save_artifact
@@ -102,7 +103,7 @@ def dual_preference_pairs(rows: views.Rows, rule: str) -> list[views.PreferenceP
 
 def dual_rule(rule: str) -> Callable[[views.Rows], list[views.PreferencePair]]:
     if rule not in DUAL_RULES:
-        raise ValueError(f"task.dual_rule={rule!r}: expected one of {sorted(DUAL_RULES)}")
+        raise ConfigError(f"task.dual_rule={rule!r}: expected one of {sorted(DUAL_RULES)}")
     return DUAL_RULES[rule]
 
 
@@ -275,7 +276,7 @@ def fixed_prompt_gold(
 def _check_rows(cfg: DictConfig, kind: str) -> None:
     needed = (schema.PREFERENCE,) if cfg.preference.use_cost else (schema.PREFERENCE, schema.SINGLE)
     if kind not in needed:
-        raise ValueError(
+        raise ConfigError(
             f"task=dpo preference={cfg.preference.name} cannot learn from data.kind={kind} rows "
             f"(needs {' or '.join(needed)})"
         )

@@ -15,26 +15,30 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from saferlhf.data.module import PairCollator, list_loader
 from saferlhf.data.sources import load_data
+from saferlhf.errors import ConfigError
 from saferlhf.run import RunContext, TaskResult
+from saferlhf.tasks.common import ConfigPathError
 from saferlhf.tasks.score import OBJECTIVES, ScoreModule, tokenized_pairs
 
 
 def evaluate_score(run: RunContext) -> TaskResult:
     cfg = run.cfg
-    if not cfg.model_path or not Path(cfg.model_path).is_dir():
-        raise FileNotFoundError(
-            f"model_path={cfg.model_path!r}: expected a saved reward or cost model folder"
+    if not cfg.model_path or not (Path(cfg.model_path) / "config.json").is_file():
+        raise ConfigPathError(
+            f"model_path={cfg.model_path!r}: expected a saved reward or cost model folder "
+            "(with a config.json)"
         )
     model = AutoModelForSequenceClassification.from_pretrained(cfg.model_path).eval()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
     objective = getattr(model.config, "score_type", None)
     if objective not in OBJECTIVES:
-        raise ValueError(
-            f"{cfg.model_path}/config.json has score_type={objective!r}; expected reward or cost"
+        raise ConfigError(
+            f"model_path={cfg.model_path!r}: its config.json has score_type={objective!r}; "
+            "expected reward or cost (a folder saved by task=reward or task=cost)"
         )
     loaded = load_data(cfg.data)
     if cfg.task.split not in loaded.splits:
-        raise ValueError(f"task.split={cfg.task.split!r}: expected one of {list(loaded.splits)}")
+        raise ConfigError(f"task.split={cfg.task.split!r}: expected one of {list(loaded.splits)}")
     pairs = tokenized_pairs(cfg, objective, loaded.splits[cfg.task.split], tokenizer)
     loader = list_loader(
         pairs, PairCollator(tokenizer.pad_token_id), cfg.task.batch_size, False, cfg.seed

@@ -27,6 +27,7 @@ from saferlhf.data.augment import corrupted_pairs
 from saferlhf.data.collate import encode_conversations, log_truncated
 from saferlhf.data.module import ListDataModule, PairCollator, TokenizedPairs
 from saferlhf.data.sources import load_data
+from saferlhf.errors import ConfigError
 from saferlhf.evaluate.metrics import pairwise_accuracy, sign_accuracy, spearman
 from saferlhf.losses import bradley_terry_loss, cost_loss
 from saferlhf.models import build_score_model, save_artifact
@@ -212,26 +213,29 @@ def tokenized_pairs(
 
 
 def score_task(run: RunContext) -> TaskResult:
-    cfg, objective = run.cfg, run.cfg.task.name
+    cfg, task, objective = run.cfg, run.cfg.task, run.cfg.task.name
     if objective == "cost" and not cfg.preference.use_cost:
-        raise ValueError(
-            "task=cost needs dual-preference data (safer_response_id); got preference=single"
+        raise ConfigError(
+            "task=cost needs dual-preference data (safer_response_id); got "
+            f"preference={cfg.preference.name}"
+        )
+    if objective == "cost" and task.corrupted_pairs > 0:
+        raise ConfigError(
+            f"task.corrupted_pairs={task.corrupted_pairs} is for reward models: a corrupted copy "
+            "of an unsafe answer may or may not still be unsafe, so it has no cost label"
         )
     loaded = load_data(cfg.data)
     if loaded.kind == "qa" or (objective == "cost" and loaded.kind == "single"):
-        raise ValueError(f"task={objective} cannot learn from data.kind={loaded.kind} rows")
+        needed = "preference" if objective == "cost" else "preference or single"
+        raise ConfigError(
+            f"task={objective} cannot learn from data.kind={loaded.kind} rows (needs {needed})"
+        )
     loaded.write_skipped(run.run_dir)
 
-    task = cfg.task
     model_cfg = model_config(cfg, "policy")  # Safe RLHF starts score models from the SFT policy
     tokenizer = tokenizer_for(model_cfg, loaded.splits["train"])
     model = build_score_model(model_cfg, tokenizer)
     model.config.score_type = objective  # travels in config.json; evaluate_score reads it
-    if objective == "cost" and task.corrupted_pairs > 0:
-        raise ValueError(
-            "task.corrupted_pairs is for reward models: a corrupted copy of an unsafe answer may "
-            "or may not still be unsafe, so it has no cost label"
-        )
     train, train_truncated = encode_pairs(
         cfg, objective, loaded.splits["train"], tokenizer, task.corrupted_pairs
     )
