@@ -563,6 +563,23 @@ class RefusesOneResponse:
         return [Verdict(False, 0, {}) for _ in responses]
 
 
+def test_cli_stops_quietly_when_the_reader_closes_the_pipe(untrained_moderator, tmp_path):
+    artifact, raw = untrained_moderator
+    source = tmp_path / "in.jsonl"
+    # Far more verdicts than a pipe buffers (64 KiB), so the script is still writing when the
+    # reader leaves.
+    source.write_text("\n".join(_jsonl(raw) * 30) + "\n")
+    script = str(Path(sys.executable).parent / "saferlhf-moderate")
+    command = [script, "--model", str(artifact), "--input", str(source), "--batch-size", "8"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        first = process.stdout.readline()
+        process.stdout.close()  # as `saferlhf-moderate ... | head -1` does
+        errors = process.stderr.read().decode()
+        status = process.wait(timeout=300)
+    assert json.loads(first)["line"] == 1
+    assert status == 141 and errors == ""  # 128 + SIGPIPE, no traceback, no message
+
+
 def test_cli_a_line_that_breaks_its_batch_loses_only_itself():
     lines = [json.dumps({"prompt": "q", "response": r}) for r in ("a", "boom", "b", "c", "d")]
     source, sink, errors = io.StringIO("\n".join(lines)), io.StringIO(), io.StringIO()

@@ -6,6 +6,8 @@ import argparse
 import contextlib
 import itertools
 import json
+import os
+import signal
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -19,6 +21,8 @@ from saferlhf.errors import UserError
 from saferlhf.moderation.api import Moderator, Verdict, one_line, unicode_problem
 
 LineT = TypeVar("LineT", bytes, str)
+
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 DESCRIPTION = """\
 Judge (prompt, response) pairs with a moderation model trained by `saferlhf task=moderation`.
@@ -46,7 +50,8 @@ skipped; every other line is judged, those in the same batch included.
 Exit status: 0 when every line was judged, 1 when some lines were bad (the others are still
 judged), 2 for a usage error (bad arguments, a missing input file, a missing or unloadable
 model folder: no config.json, a damaged model.safetensors, no tokenizer), reported on one
-line before any input is read.
+line before any input is read; 141 (128 + SIGPIPE, as a shell reports a process killed by
+it), silently, when the reader of the output stopped reading, e.g. `| head -1`.
 """
 
 
@@ -226,6 +231,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saferlhf-moderate: {error}", file=sys.stderr)
         return 2
 
+    try:
+        return _moderate(args, moderator)
+    except BrokenPipeError:
+        # The reader left: stop quietly. Python flushes the standard streams at exit, which
+        # would raise again on the closed pipe; /dev/null takes what is left (the Python docs'
+        # note on SIGPIPE). Not status 1: here that means bad input lines.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, sys.stderr.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _moderate(args: argparse.Namespace, moderator: Moderator) -> int:
+    """Judge the input into the output; the exit status."""
     with contextlib.ExitStack() as stack:
         # Bytes, decoded line by line: an undecodable line is a bad line, not the end of the run.
         if args.input:
