@@ -1,5 +1,7 @@
 """Harm taxonomies: the shipped ones, a user's own from a file, and metric keys."""
 
+import json
+
 import pytest
 
 from saferlhf.errors import ConfigError
@@ -105,3 +107,24 @@ def test_bad_taxonomy_file_is_named(tmp_path, text, message):
 def test_missing_taxonomy_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"taxonomy.path='.*nowhere.yaml': no such file"):
         load_taxonomy(tmp_path / "nowhere.yaml")
+
+
+def test_data_report_counts_beavertails_categories(compose_cfg, tmp_path):
+    from saferlhf.cli import run
+    from tests.beavertails_rows import beavertails_row
+
+    rows = [beavertails_row(prompt=f"q{i} ?", flagged=("self_harm",) * (i % 2)) for i in range(8)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = compose_cfg(
+        "task=data_report",
+        "logger=none",
+        "data=beavertails",
+        f"data.path={tmp_path / 'rows.jsonl'}",
+    )
+    run(cfg, tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    harm = [report["splits"][split]["harm"] for split in ("train", "test")]
+    assert sum(h["responses"] for h in harm) == 8 and sum(h["unsafe"] for h in harm) == 4
+    assert list(harm[0]["category"]) == list(BEAVERTAILS.categories)  # no severity: by category
+    assert sum(h["category"]["self_harm"] for h in harm) == 4 and "severity" not in harm[0]
+    assert (tmp_path / "run" / "data_report.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,6 +1,7 @@
 """``saferlhf task=data_report``: load and validate the data, then describe it.
 
-Prints row counts per split, the harm category × severity distribution of the responses and,
+Prints row counts per split, the harm category × severity distribution of the responses (per
+category alone for a taxonomy without severity levels, as BeaverTails') in the run's taxonomy and,
 where both label sets exist for the same pairs (the embedded benchmark), how often the single
 preference label agrees with ``better`` (helpfulness) and with ``safer`` (harmlessness), and how
 often, of the pairs with one safe and one unsafe response, it prefers the unsafe one.
@@ -21,25 +22,31 @@ from saferlhf.data import benchmark, schema
 from saferlhf.data.sources import Repeats, SkippedRow, load_data
 from saferlhf.data.views import QAItem, qa_items
 from saferlhf.run import RunContext, TaskResult
+from saferlhf.taxonomy import Taxonomy, taxonomy_from_config
 
 
-def harm_distribution(items: list[QAItem]) -> dict[str, Any]:
-    """Counts of responses by safety, severity and category × severity."""
-    by_category = {name: Counter() for name in schema.HARM_CATEGORIES}
+def harm_distribution(items: list[QAItem], taxonomy: Taxonomy) -> dict[str, Any]:
+    """Counts of responses by safety, severity and category × severity (``taxonomy``'s
+    categories, in its order); by category alone when the taxonomy has no severity levels."""
+    by_category = {name: Counter() for name in taxonomy.categories}
     for item in items:
         for name in item.categories:
             by_category[name][item.severity] += 1
-    return {
+    distribution: dict[str, Any] = {
         "responses": len(items),
         "unsafe": sum(not item.is_safe for item in items),
-        "severity": {
-            level: sum(item.severity == level for item in items) for level in schema.SEVERITY_LEVELS
-        },
-        "category_severity": {
-            name: {level: counts[level] for level in schema.SEVERITY_LEVELS if level > 0}
-            for name, counts in by_category.items()
-        },
     }
+    if not taxonomy.has_severity:
+        distribution["category"] = {name: counts.total() for name, counts in by_category.items()}
+        return distribution
+    distribution["severity"] = {
+        level: sum(item.severity == level for item in items) for level in schema.SEVERITY_LEVELS
+    }
+    distribution["category_severity"] = {
+        name: {level: counts[level] for level in schema.SEVERITY_LEVELS if level > 0}
+        for name, counts in by_category.items()
+    }
+    return distribution
 
 
 def label_agreement(dual_rows: list[dict], single_rows: list[dict]) -> dict[str, float]:
@@ -75,22 +82,26 @@ def _benchmark_agreement(data_cfg) -> dict[str, dict[str, float]]:
 
 
 def plot_category_severity(distribution: dict[str, Any], path, title: str) -> None:
+    """Responses per category, stacked by severity when the distribution has severity."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(schema.HARM_CATEGORIES)
     fig, ax = plt.subplots(figsize=(9, 7))
-    left = [0] * len(names)
-    for level in (1, 2, 3):
-        counts = [distribution["category_severity"][name][level] for name in names]
-        ax.barh(names, counts, left=left, label=f"{level} {schema.SEVERITY_LEVELS[level]}")
-        left = [a + b for a, b in zip(left, counts, strict=True)]
-    ax.invert_yaxis()  # card order from the top
+    if "category_severity" in distribution:
+        names = list(distribution["category_severity"])
+        left = [0] * len(names)
+        for level in (1, 2, 3):
+            counts = [distribution["category_severity"][name][level] for name in names]
+            ax.barh(names, counts, left=left, label=f"{level} {schema.SEVERITY_LEVELS[level]}")
+            left = [a + b for a, b in zip(left, counts, strict=True)]
+        ax.legend(title="severity")
+    else:
+        ax.barh(list(distribution["category"]), list(distribution["category"].values()))
+    ax.invert_yaxis()  # the taxonomy's order from the top
     ax.set_xlabel("responses")
     ax.set_title(title)
-    ax.legend(title="severity")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -98,13 +109,14 @@ def plot_category_severity(distribution: dict[str, Any], path, title: str) -> No
 
 def data_report(run: RunContext) -> TaskResult:
     cfg = run.cfg
-    loaded = load_data(cfg.data)
+    taxonomy = taxonomy_from_config(cfg.taxonomy)
+    loaded = load_data(cfg.data, taxonomy)
     skipped_file = loaded.write_skipped(run.run_dir)
     report: dict[str, Any] = {"kind": loaded.kind, "splits": {}}
     for split, ds in loaded.splits.items():
         entry: dict[str, Any] = {"rows": len(ds)}
         if loaded.kind != schema.SINGLE:
-            entry["harm"] = harm_distribution(qa_items(ds))
+            entry["harm"] = harm_distribution(qa_items(ds), taxonomy)
         report["splits"][split] = entry
     if cfg.data.source == "benchmark" and loaded.kind != schema.QA:
         for split, agreement in _benchmark_agreement(cfg.data).items():
@@ -170,19 +182,28 @@ def _print_report(report: dict[str, Any], skipped: list[SkippedRow], skipped_fil
             str(entry["rows"]),
             str(harm["responses"]) if harm else "-",
             str(harm["unsafe"]) if harm else "-",
-            "/".join(str(harm["severity"][level]) for level in (1, 2, 3)) if harm else "-",
+            "/".join(str(harm["severity"][level]) for level in (1, 2, 3))
+            if harm and "severity" in harm
+            else "-",
             f"{agreement['single_agrees_better']:.3f}" if agreement else "-",
             f"{agreement['single_agrees_safer']:.3f}" if agreement else "-",
             f"{agreement['single_prefers_unsafe']:.3f}" if agreement else "-",
         )
     console.print(table)
     harm = report["splits"]["train"].get("harm")
-    if harm:
+    if harm and "category_severity" in harm:
         categories = Table(title="train responses by harm category and severity")
         for column in ("category", "minor", "moderate", "severe"):
             categories.add_column(column)
         for name, counts in harm["category_severity"].items():
             categories.add_row(name, *(str(counts[level]) for level in (1, 2, 3)))
+        console.print(categories)
+    elif harm:
+        categories = Table(title="train responses by harm category")
+        for column in ("category", "responses"):
+            categories.add_column(column)
+        for name, count in harm["category"].items():
+            categories.add_row(name, str(count))
         console.print(categories)
     if skipped:
         console.print(
