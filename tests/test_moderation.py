@@ -538,6 +538,31 @@ def test_cli_an_unloadable_model_folder_exits_2_with_one_line_naming_the_file(
     assert captured.out == ""
 
 
+def _edit_moderation_entry(directory: Path, **changes) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    config["moderation"] |= changes
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def test_a_folder_carries_its_taxonomy_and_a_mismatch_is_named(untrained_moderator, tmp_path):
+    artifact, _ = untrained_moderator
+    assert Moderator.from_pretrained(artifact, device="cpu").taxonomy == PKU_SAFERLHF
+    folder = shutil.copytree(artifact, tmp_path / "moderation")
+    _edit_moderation_entry(folder, categories=list(HARM_CATEGORIES[:-1]))
+    with pytest.raises(ValueError, match=r"23 outputs, but its 18 categories and 4 severity"):
+        Moderator.from_pretrained(folder, device="cpu")
+    _edit_moderation_entry(folder, categories=list(HARM_CATEGORIES), severity_levels=["low"])
+    with pytest.raises(ValueError, match=r"moderation.severity_levels must be \['safe'"):
+        Moderator.from_pretrained(folder, device="cpu")
+    # 23 categories and no severity head fit the 23 outputs, once there are 23 thresholds.
+    _edit_moderation_entry(folder, severity_levels=[], categories=[*HARM_CATEGORIES, *"wxyz"])
+    with pytest.raises(ValueError, match=r"thresholds must be 23 probabilities"):
+        Moderator.from_pretrained(folder, device="cpu")
+    _edit_moderation_entry(folder, thresholds=[0.5] * 23)
+    relabelled = Moderator.from_pretrained(folder, device="cpu")
+    assert relabelled.taxonomy.num_categories == 23 and not relabelled.taxonomy.has_severity
+
+
 def test_cli_a_device_that_cannot_be_used_exits_2(untrained_moderator, capsys):
     artifact, _ = untrained_moderator
     assert moderate_main(["--model", str(artifact), "--device", "gpu9"]) == 2
