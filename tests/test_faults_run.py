@@ -117,6 +117,72 @@ def test_a_missing_input_or_a_bad_stage_value_is_refused_in_one_line(tmp_path, o
     assert not (run_dir / "sft").exists()
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["task=ppo", "model.max_length=8"],
+            "model.max_length=8: expected a value > algo.sampling.max_new_tokens=48",
+        ),
+        (
+            ["task=generate", "model.max_length=40", "task.sampling.max_new_tokens=40"],
+            "model.max_length=40: expected a value > task.sampling.max_new_tokens=40",
+        ),
+        (
+            ["task=ppo", "lagrange.lambda_init=8", "lagrange.lambda_max=4"],
+            "lagrange.lambda_init=8.0: expected a value <= lagrange.lambda_max=4.0",
+        ),
+        (
+            # A password in the judge's URL is refused before config.yaml could record it.
+            [
+                "task=evaluate", "+task.policies.sft={dir}", "task.judge.enabled=true",
+                "task.judge.base_url=https://me:hunter2@judge.example/v1", "task.judge.model=m",
+            ],
+            "task.judge.base_url='https://***@judge.example/v1' holds a user name or password",
+        ),
+    ],
+)  # fmt: skip
+def test_values_that_cannot_go_together_are_refused_before_anything_loads(
+    tmp_path, overrides, message
+):
+    run_dir = tmp_path / "run"
+    result = saferlhf(run_dir, *(o.format(dir=tmp_path) for o in overrides))
+    assert result.returncode == REFUSED
+    assert error_line(result).startswith(f"saferlhf: error: {message}")
+    assert "hunter2" not in result.stderr
+    assert not (run_dir / "config.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["task=ppo", "preference=single", "lagrange=fixed"],
+            "lagrange=fixed needs a cost model, which preference=single has not",
+        ),
+        (["task=ppo", "algo.adam_betas=[0.9]"], "algo.adam_betas=[0.9]: expected two values"),
+        (["task=cost", "preference=single"], "task=cost needs dual-preference data"),
+        (["task=cost", "task.corrupted_pairs=0.25"], "task.corrupted_pairs=0.25 is for reward"),
+        (
+            ["task=dpo", "init.policy={dir}", "task.dual_rule=helpful_first"],
+            "task.dual_rule='helpful_first': expected one of",
+        ),
+        (["task=evaluate_score", "model_path={dir}"], "model_path='{dir}': expected a saved"),
+        (
+            ["task=evaluate", "+task.policies.sft={dir}", "task.prompts_file={dir}/none.jsonl"],
+            "task.prompts_file='{dir}/none.jsonl': no such file",
+        ),
+        (["task=reward", *TINY_DATA, "model.tokenizer=null"], "model.tokenizer is required"),
+    ],
+)
+def test_a_setting_the_task_cannot_use_is_refused_in_one_line(tmp_path, overrides, message):
+    run_dir = tmp_path / "run"
+    result = saferlhf(run_dir, *(o.format(dir=tmp_path) for o in overrides))
+    assert result.returncode == REFUSED
+    assert message.format(dir=tmp_path) in error_line(result)
+    assert_nothing_written(run_dir)
+
+
 def test_a_multirun_runs_every_job_and_exits_non_zero_when_one_was_refused(tmp_path):
     result = subprocess.run(
         [
