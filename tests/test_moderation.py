@@ -772,6 +772,37 @@ def test_beavertails_moderator_loads_with_its_own_taxonomy(beavertails_run):
         moderator.moderate(["q"], ["a"], max_severity=1)
 
 
+def test_beavertails_moderator_in_the_cli_and_evaluation_rates(beavertails_run, tmp_path, capsys):
+    from saferlhf.evaluate.policy import flag_rates
+
+    _, run_dir = beavertails_run
+    artifact = run_dir / "artifacts" / "moderation"
+    source, output = run_dir.parent / "test.jsonl", tmp_path / "out.jsonl"
+    assert (
+        moderate_main(["--model", str(artifact), "--input", str(source), "--max-severity", "1"])
+        == 2
+    )
+    (message,) = capsys.readouterr().err.splitlines()
+    assert message.endswith("no severity head (taxonomy beavertails); it flags any category over "
+                            "its threshold, so only --max-severity 0 applies")  # fmt: skip
+    assert (
+        moderate_main(["--model", str(artifact), "--input", str(source), "--output", str(output)])
+        == 0
+    )
+    answers = [json.loads(line) for line in output.read_text().splitlines()]
+    assert all(a["severity"] is None for a in answers)
+
+    flagged = [a["flagged"] for a in answers]
+    rates = flag_rates(
+        flagged, [None] * len(answers), [a["categories"] for a in answers], BEAVERTAILS
+    )
+    assert rates["flag_rate"] == pytest.approx(sum(flagged) / len(answers))
+    assert not [key for key in rates if "severity" in key]
+    assert [
+        key.removeprefix("flag_rate/category/") for key in rates if "/category/" in key
+    ] == list(BEAVERTAILS.metric_keys())
+
+
 # -- guarded generation (risk control) --------------------------------------------------------
 
 

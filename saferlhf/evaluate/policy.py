@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,6 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from saferlhf.data.collate import pad_sequences, tokenize_conversations
-from saferlhf.data.schema import HARM_CATEGORIES, SEVERITY_LEVELS
 from saferlhf.errors import ConfigError
 from saferlhf.moderation.api import unicode_problem
 from saferlhf.rl.rollout import (
@@ -32,6 +30,7 @@ from saferlhf.rl.rollout import (
     sequence_scores,
 )
 from saferlhf.tasks.common import ConfigPathError
+from saferlhf.taxonomy import PKU_SAFERLHF, SEVERITY_LEVELS, Taxonomy, category_key
 
 log = logging.getLogger(__name__)
 
@@ -112,27 +111,26 @@ def arena_counts(safe: Sequence[bool], outcomes: Sequence[int]) -> dict[str, int
     return counts
 
 
-def category_key(name: str) -> str:
-    """A harm category as a metric-name segment: ``White-Collar Crime`` -> ``White_Collar_Crime``."""
-    return re.sub(r"\W+", "_", name).strip("_")
-
-
 def flag_rates(
-    flagged: Sequence[bool], severities: Sequence[int], categories: Sequence[Iterable[str]]
+    flagged: Sequence[bool],
+    severities: Sequence[int | None],
+    categories: Sequence[Iterable[str]],
+    taxonomy: Taxonomy = PKU_SAFERLHF,
 ) -> dict[str, float]:
     """Moderation rates over ``N`` responses: the share flagged, the share flagged at each
     predicted severity (``flag_rate/severity_<k>``, summing to ``flag_rate``; severity 0 is
-    flagged for a category alone) and the share with each category over its threshold
-    (``flag_rate/category/<Name>``, all 19)."""
+    flagged for a category alone; none for a moderator without a severity head) and the share
+    with each of the moderator's ``taxonomy`` categories over its threshold
+    (``flag_rate/category/<category_key(name)>``)."""
     n = len(flagged)
     if not n or len(severities) != n or len(categories) != n:
         raise ValueError("flag_rates needs one severity and one category set per response")
     sets = [set(c) for c in categories]
     rates = {"flag_rate": sum(flagged) / n}
-    for level in SEVERITY_LEVELS:
+    for level in SEVERITY_LEVELS if taxonomy.has_severity else ():
         hits = sum(f and s == level for f, s in zip(flagged, severities, strict=True))
         rates[f"flag_rate/severity_{level}"] = hits / n
-    for name in HARM_CATEGORIES:
+    for name in taxonomy.categories:
         rates[f"flag_rate/category/{category_key(name)}"] = sum(name in c for c in sets) / n
     return rates
 

@@ -33,8 +33,11 @@ line to --output (default: stdout), in input order:
   {"line": N, "flagged": BOOL, "severity": 0-3, "categories": {NAME: PROBABILITY, ...},
    "truncated": BOOL}
 where N is the 1-based input line number, severity 0 safe, 1 minor, 2 moderate, 3 severe,
-and categories lists the harm categories over their thresholds. Flagged: severity above
---max-severity, or, with --max-severity 0, also any category over its threshold.
+and categories lists the harm categories over their thresholds, named by the taxonomy the
+model was trained on (its config.json). Flagged: severity above --max-severity, or, with
+--max-severity 0, also any category over its threshold. A model trained without severity
+levels (BeaverTails' taxonomy) writes "severity": null, flags any category over its
+threshold and takes only --max-severity 0.
 
 A conversation longer than the model's max_length is "truncated" and judged in several
 views, the worst one deciding: the end of the prompt with the response, and the response
@@ -49,9 +52,10 @@ skipped; every other line is judged, those in the same batch included.
 
 Exit status: 0 when every line was judged, 1 when some lines were bad (the others are still
 judged), 2 for a usage error (bad arguments, a missing input file, a missing or unloadable
-model folder: no config.json, a damaged model.safetensors, no tokenizer), reported on one
-line before any input is read; 141 (128 + SIGPIPE, as a shell reports a process killed by
-it), silently, when the reader of the output stopped reading, e.g. `| head -1`.
+model folder: no config.json, a damaged model.safetensors, no tokenizer; a --max-severity
+above 0 for a model without a severity head), reported on one line before any input is read;
+141 (128 + SIGPIPE, as a shell reports a process killed by it), silently, when the reader of
+the output stopped reading, e.g. `| head -1`.
 """
 
 
@@ -229,6 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         moderator = Moderator.from_pretrained(args.model, device=args.device)
     except UserError as error:  # its message names the folder or the file at fault
         print(f"saferlhf-moderate: {error}", file=sys.stderr)
+        return 2
+    if args.max_severity and not moderator.taxonomy.has_severity:
+        print(
+            f"saferlhf-moderate: --max-severity {args.max_severity}: {args.model} has no severity "
+            f"head (taxonomy {moderator.taxonomy.name}); it flags any category over its "
+            "threshold, so only --max-severity 0 applies",
+            file=sys.stderr,
+        )
         return 2
 
     try:

@@ -97,7 +97,10 @@ class PolicyEval:
         if "cost" in self.samples.scores:
             return "cost", self.samples.scores["cost"], False
         if self.verdicts is not None:
-            return "moderation severity", [float(v.severity) for v in self.verdicts], False
+            if all(v.severity is not None for v in self.verdicts):
+                return "moderation severity", [float(v.severity) for v in self.verdicts], False
+            # A moderator without a severity head (BeaverTails' taxonomy) only flags.
+            return "moderation flag", [float(v.flagged) for v in self.verdicts], False
         return None
 
 
@@ -214,6 +217,7 @@ def _evaluate_policy(
             [v.flagged for v in verdicts],
             [v.severity for v in verdicts],
             [v.categories for v in verdicts],
+            moderator.taxonomy,
         )
     ev.metrics = metrics
     return ev
