@@ -41,8 +41,8 @@ def build_untrained_moderator(directory: Path) -> Path:
     from saferlhf.data.benchmark import generate_benchmark
     from saferlhf.data.collate import format_conversation
     from saferlhf.models import build_score_model, train_bpe_tokenizer
-    from saferlhf.moderation.api import NUM_CATEGORIES, NUM_LABELS
     from saferlhf.tasks.moderation import export_moderator
+    from saferlhf.taxonomy import PKU_SAFERLHF
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -53,9 +53,9 @@ def build_untrained_moderator(directory: Path) -> Path:
         texts, cfg.model.tokenizer.vocab_size, cfg.model.tokenizer.min_frequency
     )
     torch.manual_seed(0)
-    model = build_score_model(cfg.model, tokenizer, num_labels=NUM_LABELS)
+    model = build_score_model(cfg.model, tokenizer, num_labels=PKU_SAFERLHF.num_labels)
     return export_moderator(
-        model, tokenizer, [0.5] * NUM_CATEGORIES, cfg.model.max_length, directory
+        model, tokenizer, [0.5] * PKU_SAFERLHF.num_categories, cfg.model.max_length, directory
     )
 
 
