@@ -216,41 +216,16 @@ class PPOConfig:
     lora_alpha: float = MISSING
 
 
-class LagrangeName(StrEnum):
-    """The rule that sets λ (one class each in saferlhf.rl.lagrange)."""
-
-    safe_rlhf = "safe_rlhf"  # learned: SGD on log λ against the recent mean episode cost
-    fixed = "fixed"  # given, never moves
-
-
-class LambdaUpdatePer(StrEnum):
-    iteration = "iteration"  # one λ step per PPO iteration
-    minibatch = "minibatch"  # one λ step before every update minibatch (as Safe RLHF)
-
-
 @dataclass
 class LagrangeConfig:
-    """The Lagrange multiplier λ of PPO-Lagrangian; each option of the group is one rule."""
+    """The Lagrange multiplier λ of PPO-Lagrangian: the keys every rule has. Each rule is a class
+    in saferlhf.rl.lagrange whose ``Config`` extends this one, stored by ``register_rule`` as
+    ``lagrange/<name>_schema``; ``lagrange`` below takes the node of any of them."""
 
-    name: LagrangeName = MISSING
+    name: str = MISSING  # the rule; its schema admits its own name only
     # d: the episode-cost threshold. Every rule has it so that experiments that set it compose
     # with any rule; a fixed λ ignores it.
     cost_limit: float = MISSING
-
-
-@dataclass
-class SafeRLHFLagrangeConfig(LagrangeConfig):
-    lambda_init: float = MISSING
-    lambda_lr: float = MISSING
-    lambda_max: float = MISSING
-    window: int = MISSING  # recent episodes whose mean cost drives λ
-    update_delay: int = MISSING  # λ steps skipped at the start
-    update_per: LambdaUpdatePer = MISSING
-
-
-@dataclass
-class FixedLagrangeConfig(LagrangeConfig):
-    lambda_value: float = MISSING  # λ throughout; 0 is PPO on the reward alone, with both critics
 
 
 @dataclass
@@ -353,7 +328,7 @@ class Config:
     preference: PreferenceConfig = MISSING
     init: InitConfig = field(default_factory=InitConfig)
     algo: PPOConfig = MISSING
-    lagrange: LagrangeConfig = MISSING
+    lagrange: Any = MISSING  # typed by the chosen λ rule's own schema, a LagrangeConfig
     experiment_name: str = MISSING
     seed: int = MISSING
     num_threads: int | None = None  # torch CPU threads; 1 when several processes share the cores
@@ -384,8 +359,9 @@ def register_configs() -> None:
     store.store(group="task", name="pipeline_schema", node=PipelineTaskConfig)
     store.store(group="task", name="generate_schema", node=GenerateTaskConfig)
     store.store(group="algo", name="schema", node=PPOConfig)
-    store.store(group="lagrange", name="safe_rlhf_schema", node=SafeRLHFLagrangeConfig)
-    store.store(group="lagrange", name="fixed_schema", node=FixedLagrangeConfig)
+    # Each λ rule stores its own schema when its class is defined; this brings the shipped ones
+    # (and torch, which their classes extend).
+    import saferlhf.rl.lagrange  # noqa: F401
     store.store(group="task", name="evaluate_score_schema", node=EvaluateScoreTaskConfig)
     store.store(group="task", name="moderation_schema", node=ModerationTaskConfig)
 

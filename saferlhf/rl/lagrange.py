@@ -1,8 +1,14 @@
 """The Lagrange multiplier λ of PPO-Lagrangian (Safe RLHF, arXiv 2310.12773, eq. 10-11).
 
-One class per rule, chosen by the config group ``lagrange`` (its ``name``), all with the same
-interface, as OpenRLHF's KL controllers:
+A rule is one :class:`Multiplier` subclass registered with ``@register_rule(name)``, plus
+``conf/lagrange/<name>.yaml`` (``defaults: [<name>_schema]`` and its values); ``lagrange=<name>``
+then picks it. Its keys are a nested ``Config`` dataclass, a subclass of
+:class:`saferlhf.config.LagrangeConfig`, which the decorator stores in Hydra's ConfigStore as
+``lagrange/<name>_schema``, so the YAML and every override are type-checked; the stored schema
+sets ``name`` and admits no other. All rules have the same interface, as OpenRLHF's KL
+controllers:
 
+- ``from_config(cfg)``: the rule set up from its ``lagrange`` node;
 - ``value``: λ now, a float;
 - ``record(episode_costs)``: take this iteration's episode costs (every rank's), return the
   mean episode cost J_c that the rule steps on;
@@ -10,7 +16,8 @@ interface, as OpenRLHF's KL controllers:
 - ``make_optimizer()``: the optimizer for λ's parameters, ``None`` when λ has none;
 - ``update_per``: when PPO calls ``step``: once per iteration or before every minibatch.
 
-PPO runs the same code for every rule; only λ's trajectory differs.
+PPO runs the same code for every rule; only λ's trajectory differs, and ``summary.json`` names
+the rule as the run's ``variant``.
 """
 
 from __future__ import annotations
@@ -18,12 +25,18 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, make_dataclass
+from enum import StrEnum
+from typing import ClassVar, TypeVar
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
 from torch import nn
 
+from saferlhf.config import LagrangeConfig
 from saferlhf.errors import ConfigError
 from saferlhf.losses import clamp_log_lambda_, lagrange_loss
 
@@ -41,7 +54,8 @@ def _from_every_rank(values: torch.Tensor) -> torch.Tensor:
 class Multiplier(nn.Module, ABC):
     """The interface every rule implements (see the module docstring)."""
 
-    name: str  # the ``lagrange.name`` that selects the rule
+    name: ClassVar[str]  # the ``lagrange.name`` that selects the rule, set by register_rule
+    Config: ClassVar[type[LagrangeConfig]]  # the rule's keys
     update_per: str  # iteration | minibatch
 
     @classmethod
@@ -62,6 +76,55 @@ class Multiplier(nn.Module, ABC):
     def make_optimizer(self) -> torch.optim.Optimizer | None: ...
 
 
+RULES: dict[str, type[Multiplier]] = {}  # lagrange.name -> rule, filled by register_rule
+
+Rule = TypeVar("Rule", bound=type[Multiplier])
+
+
+def register_rule(name: str) -> Callable[[Rule], Rule]:
+    """Class decorator: ``lagrange=<name>`` picks the rule, and its ``Config`` is stored in
+    Hydra's ConfigStore as ``lagrange/<name>_schema``, which ``conf/lagrange/<name>.yaml``
+    starts from."""
+
+    def register(rule: Rule) -> Rule:
+        if RULES.get(name, rule) is not rule:
+            raise ValueError(f"λ rule name {name!r} is taken by {RULES[name].__qualname__}")
+        if not issubclass(rule.Config, LagrangeConfig):
+            raise TypeError(f"{rule.__qualname__}.Config: expected a LagrangeConfig subclass")
+        rule.name = name
+        ConfigStore.instance().store(
+            group="lagrange", name=f"{name}_schema", node=_schema_pinned_to_its_name(rule)
+        )
+        RULES[name] = rule
+        return rule
+
+    return register
+
+
+def _schema_pinned_to_its_name(rule: type[Multiplier]) -> type[LagrangeConfig]:
+    """``rule.Config`` with ``name`` a one-member enum, defaulting to the rule's name: a node that
+    names another rule, whose keys it does not have, is refused when the config is composed.
+
+    The enum and the schema are attributes of the rule, named as such, so that configs holding
+    them pickle."""
+    qualname = f"{rule.__qualname__}.Name"
+    rule.Name = StrEnum(qualname, [rule.name], module=rule.__module__, qualname=qualname)
+    rule.Schema = make_dataclass(
+        rule.Config.__qualname__,  # what a refusal names
+        [("name", rule.Name, field(default=rule.Name(rule.name)))],
+        bases=(rule.Config,),
+    )
+    rule.Schema.__module__ = rule.__module__
+    rule.Schema.__qualname__ = f"{rule.__qualname__}.Schema"
+    return rule.Schema
+
+
+class LambdaUpdatePer(StrEnum):
+    iteration = "iteration"  # one λ step per PPO iteration
+    minibatch = "minibatch"  # one λ step before every update minibatch (as Safe RLHF)
+
+
+@register_rule("safe_rlhf")
 class SafeRLHFMultiplier(Multiplier):
     """λ = exp(log λ), moved by SGD on ``-(J_c - d)·λ`` where J_c is the mean episode cost of a
     window of recent episodes from every rank (``lagrange=safe_rlhf``).
@@ -70,7 +133,14 @@ class SafeRLHFMultiplier(Multiplier):
     the same λ trajectory; the optimizer (plain SGD) is checkpointed by the Trainer.
     """
 
-    name = "safe_rlhf"
+    @dataclass
+    class Config(LagrangeConfig):
+        lambda_init: float = MISSING
+        lambda_lr: float = MISSING
+        lambda_max: float = MISSING
+        window: int = MISSING  # recent episodes whose mean cost drives λ
+        update_delay: int = MISSING  # λ steps skipped at the start
+        update_per: LambdaUpdatePer = MISSING
 
     def __init__(
         self,
@@ -136,10 +206,14 @@ class SafeRLHFMultiplier(Multiplier):
         self.updates_seen = state["updates_seen"]
 
 
+@register_rule("fixed")
 class FixedMultiplier(Multiplier):
     """λ given and never moved (``lagrange=fixed``); J_c is this iteration's mean cost."""
 
-    name = "fixed"
+    @dataclass
+    class Config(LagrangeConfig):
+        lambda_value: float = MISSING  # λ throughout; 0: PPO on the reward alone, with both critics
+
     update_per = "iteration"
 
     def __init__(self, lambda_value: float):
@@ -166,11 +240,8 @@ class FixedMultiplier(Multiplier):
         return None
 
 
-RULES: dict[str, type[Multiplier]] = {
-    rule.name: rule for rule in (SafeRLHFMultiplier, FixedMultiplier)
-}
-
-
 def multiplier_from_config(cfg: DictConfig) -> Multiplier:
     """The rule named by ``cfg.name`` (the ``lagrange`` config group), set up from ``cfg``."""
+    if cfg.name not in RULES:
+        raise ConfigError(f"lagrange.name={cfg.name!r}: expected one of {sorted(RULES)}")
     return RULES[cfg.name].from_config(cfg)
