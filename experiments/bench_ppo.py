@@ -166,10 +166,10 @@ def saferlhf_overrides(args, paths: dict[str, Path], variant: str = "default") -
         f"algo.rollout_batch_size={args.batch}",
         f"algo.minibatch_size={args.minibatch}",
         f"algo.ppo_epochs={args.epochs}",
-        f"algo.sampling.max_new_tokens={args.new_tokens}",
+        f"eval.sampling.max_new_tokens={args.new_tokens}",
         # prompts are at most ~32 tokens; this leaves them room and fixes the compiled width
         f"model.max_length={args.new_tokens + 64}",
-        f"task.eval_prompts={args.batch}",  # the before/after evaluation is not timed; keep it small
+        f"eval.num_prompts={args.batch}",  # the before/after evaluation is not timed; keep it small
         f"task.checkpoint_every={args.iterations + args.warmup + 1}",
         *SAFERLHF_VARIANTS[variant],
     ]
@@ -189,7 +189,7 @@ def prompt_batches(cfg, tokenizer, iterations: int, batch: int) -> list[list[lis
 
     prompts = views.prompts(load_data(cfg.data).splits["train"])
     ids = tokenize_prompts(
-        tokenizer, prompts, cfg.model.max_length - cfg.algo.sampling.max_new_tokens
+        tokenizer, prompts, cfg.model.max_length - cfg.eval.sampling.max_new_tokens
     )
     generator = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
@@ -313,9 +313,8 @@ def run_saferlhf(args, paths: dict[str, Path], run_dir: Path, variant: str) -> d
         run(cfg, run_dir, callbacks=[wall])
     finally:
         ppo.sample_responses = original
-    # The first and last len(eval) // batch calls are the untimed before/after evaluations.
-    n_eval = -(-cfg.task.eval_prompts // ppo.EVAL_BATCH)
-    train_shapes = shapes[n_eval : len(shapes) - n_eval]
+    # Only rollouts are recorded: the untimed before/after evaluations sample through
+    # saferlhf.evaluate.policy, not through the task module.
 
     history = json.loads((run_dir / "ppo_history.json").read_text())
     keep = slice(args.warmup, None)
@@ -324,7 +323,7 @@ def run_saferlhf(args, paths: dict[str, Path], run_dir: Path, variant: str) -> d
         for name in ("generation", "scoring", "update")
     }
     totals = [sum(p) for p in zip(*parts.values(), strict=True)]
-    kept_shapes = train_shapes[keep]
+    kept_shapes = shapes[keep]
     result = {
         "overrides": SAFERLHF_VARIANTS[variant],
         "iteration_s": totals,
@@ -659,7 +658,7 @@ def run_trl_half(args, paths, run_dir: Path, missing: str | None) -> dict:
     )
     algo = cfg.algo
     settings = {
-        "temperature": algo.sampling.temperature,
+        "temperature": cfg.eval.sampling.temperature,
         **{
             k: algo[k]
             for k in (

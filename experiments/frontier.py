@@ -92,8 +92,8 @@ METRICS = {  # summary.json metric (after initial/ or final/): its column
     "reward": "final reward (own reward model)",
 }
 DUAL_VARIANTS = ("safe_rlhf", "fixed")
-# task=evaluate's defaults: the head-to-head picks prompts and seeds sampling as it would.
-EVALUATE = OmegaConf.load(CONF_DIR / "task" / "evaluate.yaml")
+# The eval node's defaults: the head-to-head picks prompts and seeds sampling as task=evaluate.
+EVALUATE = OmegaConf.load(CONF_DIR / "eval" / "default.yaml")
 
 
 # -- the jobs ----------------------------------------------------------------------------------
@@ -505,7 +505,7 @@ def sample_gold(records: Sequence[Mapping]) -> tuple[dict[int, dict[str, list[Go
                 test_prompts, EVALUATE.num_prompts, EVALUATE.seed
             )
         prompts = prompts_by_data[data_key]
-        sampling = OmegaConf.to_container(cfg.algo.sampling)
+        sampling = OmegaConf.to_container(cfg.eval.sampling)
         if first is None:
             first = (job, prompts, sampling)
         elif (prompts, sampling) != first[1:]:

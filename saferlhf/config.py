@@ -162,6 +162,18 @@ class SamplingConfig:
     top_p: float = MISSING
 
 
+@dataclass
+class EvalConfig:
+    """How policies are judged: one seeded response to each of a fixed prompt set. task=ppo and
+    task=dpo (initial and final policy), task=evaluate and task=generate read it; PPO's rollouts
+    sample with the same settings."""
+
+    num_prompts: int = MISSING  # a seeded subset of the test split's distinct prompts
+    seed: int = MISSING  # picks the prompts and seeds the sampling
+    batch_size: int = MISSING  # prompts per generate call and per scoring batch
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
 class LossAggregation(StrEnum):
     """How a PPO loss averages its per-token terms (saferlhf.losses.masked_aggregate)."""
 
@@ -189,7 +201,6 @@ class PPOConfig:
     rollout_batch_size: int = MISSING  # prompts per iteration on each rank
     ppo_epochs: int = MISSING
     minibatch_size: int = MISSING
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     kl_coef: float = MISSING  # β: per-token KL penalty in both reward and cost
     gamma: float = MISSING
     gae_lambda: float = MISSING
@@ -230,8 +241,6 @@ class LagrangeConfig:
 
 @dataclass
 class PPOTaskConfig(TaskConfig):
-    eval_prompts: int = MISSING  # fixed prompt set for the initial/final gold metrics
-    eval_seed: int = MISSING
     sample_every: int = MISSING  # iterations between wandb tables of sample generations
     checkpoint_every: int = MISSING  # iterations between refreshes of last.ckpt
 
@@ -267,10 +276,6 @@ class EvaluateTaskConfig(TaskConfig):
     policies: dict[str, str] = field(default_factory=dict)  # name -> policy folder
     baseline: str | None = None  # the policy the others are compared against (win rates, arena)
     prompts_file: str | None = None  # JSONL with a "prompt" field; default: the test prompts
-    num_prompts: int = MISSING
-    seed: int = MISSING
-    batch_size: int = MISSING
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
@@ -302,9 +307,6 @@ class GuardConfig:
 @dataclass
 class GenerateTaskConfig(TaskConfig):
     prompts_file: str | None = None  # JSONL with a "prompt" field; default: the test prompts
-    num_prompts: int = MISSING
-    seed: int = MISSING
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 @dataclass
@@ -329,6 +331,7 @@ class Config:
     init: InitConfig = field(default_factory=InitConfig)
     algo: PPOConfig = MISSING
     lagrange: Any = MISSING  # typed by the chosen λ rule's own schema, a LagrangeConfig
+    eval: EvalConfig = MISSING
     experiment_name: str = MISSING
     seed: int = MISSING
     num_threads: int | None = None  # torch CPU threads; 1 when several processes share the cores
@@ -348,6 +351,7 @@ def register_configs() -> None:
         ("model", ModelConfig),
         ("trainer", TrainerConfig),
         ("logger", LoggerConfig),
+        ("eval", EvalConfig),
     ):
         store.store(group=group, name="schema", node=node)
     store.store(group="task", name="data_report_schema", node=DataReportTaskConfig)
@@ -403,7 +407,7 @@ SEED = Interval(0, 2**32 - 1)  # what numpy, and so seed_everything, accepts
 # Dotted key (fnmatch pattern; list items are numbered) -> its allowed values; the first match
 # applies. Every float anywhere must also be finite; null (an option turned off) is not checked.
 RANGES: dict[str, Interval] = {
-    "*seed": SEED,  # seed, data.benchmark.seed, task.seed, task.eval_seed
+    "*seed": SEED,  # seed, data.benchmark.seed, eval.seed
     "num_threads": AT_LEAST_ONE,
     "data.test_fraction": Interval(0, 1, low_open=True, high_open=True),
     "data.benchmark.num_train": AT_LEAST_ONE,
@@ -414,13 +418,12 @@ RANGES: dict[str, Interval] = {
     "model.tokenizer.vocab_size": AT_LEAST_ONE,
     "trainer.num_nodes": AT_LEAST_ONE,
     "trainer.log_every_n_steps": AT_LEAST_ONE,
-    "*batch_size": AT_LEAST_ONE,  # task.batch_size, algo.rollout_batch_size, ...
+    "*batch_size": AT_LEAST_ONE,  # task.batch_size, eval.batch_size, algo.rollout_batch_size, ...
     "task.max_epochs": AT_LEAST_ONE,
     "task.accumulate_grad_batches": AT_LEAST_ONE,
     "task.checkpoint_every_n_steps": AT_LEAST_ONE,
     "task.checkpoint_every": AT_LEAST_ONE,
-    "task.eval_prompts": AT_LEAST_ONE,
-    "task.num_prompts": AT_LEAST_ONE,
+    "eval.num_prompts": AT_LEAST_ONE,
     "task.sample_every": NON_NEGATIVE,
     "*lr": POSITIVE,  # task.lr, algo.actor_lr, algo.critic_lr, lagrange.lambda_lr
     "*.weight_decay": NON_NEGATIVE,
@@ -431,10 +434,10 @@ RANGES: dict[str, Interval] = {
     "task.val_fraction": Interval(0, 1, low_open=True, high_open=True),
     "task.beta": POSITIVE,
     "task.judge.timeout": POSITIVE,
-    "*.sampling.max_new_tokens": AT_LEAST_ONE,
-    "*.sampling.temperature": POSITIVE,
-    "*.sampling.top_k": NON_NEGATIVE,  # 0 keeps every token
-    "*.sampling.top_p": Interval(0, 1, low_open=True),
+    "eval.sampling.max_new_tokens": AT_LEAST_ONE,
+    "eval.sampling.temperature": POSITIVE,
+    "eval.sampling.top_k": NON_NEGATIVE,  # 0 keeps every token
+    "eval.sampling.top_p": Interval(0, 1, low_open=True),
     "algo.iterations": AT_LEAST_ONE,
     "algo.ppo_epochs": AT_LEAST_ONE,
     "algo.kl_coef": NON_NEGATIVE,
@@ -484,14 +487,13 @@ def value_error(key: str, value: Any, ranges: dict[str, Interval] = RANGES) -> s
 
 
 def generation_budgets(cfg: dict[str, Any]) -> Iterator[tuple[str, int]]:
-    """``(key, value)`` of each ``max_new_tokens`` the task generates with: its own
-    ``task.sampling``, and ``algo.sampling`` for PPO's rollouts and for DPO's gold evaluation,
-    which runs on the benchmark only."""
-    task = cfg["task"]
-    if "sampling" in task:
-        yield "task.sampling.max_new_tokens", task["sampling"]["max_new_tokens"]
-    if task["name"] == "ppo" or (task["name"] == "dpo" and cfg["data"]["source"] == "benchmark"):
-        yield "algo.sampling.max_new_tokens", cfg["algo"]["sampling"]["max_new_tokens"]
+    """``(key, value)`` of the ``max_new_tokens`` the task generates with, if it generates:
+    task=ppo, evaluate and generate always, task=dpo for its gold evaluation on the benchmark."""
+    name = cfg["task"]["name"]
+    if name in ("ppo", "evaluate", "generate") or (
+        name == "dpo" and cfg["data"]["source"] == "benchmark"
+    ):
+        yield "eval.sampling.max_new_tokens", cfg["eval"]["sampling"]["max_new_tokens"]
 
 
 def combination_error(cfg: dict[str, Any]) -> str | None:

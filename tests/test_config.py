@@ -126,7 +126,7 @@ def test_every_option_of_every_group_passes_validation(compose_cfg, group, tmp_p
         (["algo.iterations=0"], "algo.iterations=0: expected a value >= 1"),
         (["algo.minibatch_size=0"], "algo.minibatch_size=0"),
         (["algo.actor_lr=0"], "algo.actor_lr=0.0: expected a value > 0"),
-        (["algo.sampling.top_p=1.5"], "algo.sampling.top_p=1.5: expected a value in (0, 1]"),
+        (["eval.sampling.top_p=1.5"], "eval.sampling.top_p=1.5: expected a value in (0, 1]"),
         (["algo.adam_betas=[0.9,1.0]"], "algo.adam_betas.1=1.0: expected a value in [0, 1)"),
         (["algo.gamma=1.01"], "algo.gamma=1.01: expected a value in [0, 1]"),
         (["task=sft", "task.max_epochs=0"], "task.max_epochs=0: expected a value >= 1"),
@@ -134,7 +134,7 @@ def test_every_option_of_every_group_passes_validation(compose_cfg, group, tmp_p
         (["task=reward", "task.batch_size=-4"], "task.batch_size=-4"),
         (["task=sft", "task.lr=inf"], "task.lr=inf: expected a finite number"),
         (["task=moderation", "task.val_fraction=1"], "task.val_fraction=1.0"),
-        (["task=generate", "task.sampling.temperature=0"], "task.sampling.temperature=0.0"),
+        (["task=generate", "eval.sampling.temperature=0"], "eval.sampling.temperature=0.0"),
         (["data.benchmark.single_harm_penalty=[0,1,nan,3]"], "single_harm_penalty.2=nan"),
         (["+model.arch.rope_theta=inf"], "model.arch.rope_theta=inf: expected a finite number"),
         (["seed=-1"], "seed=-1: expected a value in [0, 4294967295]"),
@@ -153,19 +153,19 @@ def test_a_value_no_run_can_use_is_refused_naming_its_key(compose_cfg, overrides
     [
         (
             ["task=ppo", "model.max_length=48"],
-            "model.max_length=48: expected a value > algo.sampling.max_new_tokens=48",
+            "model.max_length=48: expected a value > eval.sampling.max_new_tokens=48",
         ),
         (
-            ["task=dpo", "model.max_length=20", "algo.sampling.max_new_tokens=30"],
-            "model.max_length=20: expected a value > algo.sampling.max_new_tokens=30",
+            ["task=dpo", "model.max_length=20", "eval.sampling.max_new_tokens=30"],
+            "model.max_length=20: expected a value > eval.sampling.max_new_tokens=30",
         ),
         (
-            ["task=generate", "model.max_length=64", "task.sampling.max_new_tokens=100"],
-            "model.max_length=64: expected a value > task.sampling.max_new_tokens=100",
+            ["task=generate", "model.max_length=64", "eval.sampling.max_new_tokens=100"],
+            "model.max_length=64: expected a value > eval.sampling.max_new_tokens=100",
         ),
         (
             ["task=evaluate", "model.max_length=12"],
-            "model.max_length=12: expected a value > task.sampling.max_new_tokens=48",
+            "model.max_length=12: expected a value > eval.sampling.max_new_tokens=48",
         ),
         (
             ["task=ppo", "lagrange.lambda_init=5.5", "lagrange.lambda_max=5"],

@@ -316,9 +316,9 @@ def _evaluate_cfg(
         "trainer.enable_progress_bar=false",
         *data,
         f"+task.policies.sft={artifacts / 'policy_a'}",
-        "task.num_prompts=12",
-        "task.batch_size=8",  # two generate calls per policy
-        "task.sampling.max_new_tokens=12",
+        "eval.num_prompts=12",
+        "eval.batch_size=8",  # two generate calls per policy
+        "eval.sampling.max_new_tokens=12",
         *overrides,
     )
 
@@ -520,7 +520,7 @@ def test_a_bad_prompts_file_line_is_an_error_naming_file_and_line(artifacts, tmp
         (("task.prompts_file=/no/such/prompts.jsonl",), ConfigPathError, "task.prompts_file"),
         (("task.baseline=ppo_lag",), ConfigError, "task.baseline='ppo_lag'"),
         (("task.judge.enabled=true",), ConfigError, "task.judge.base_url"),
-        (("task.sampling.max_new_tokens=200",), ConfigError, "model.max_length=128: expected"),
+        (("eval.sampling.max_new_tokens=200",), ConfigError, "model.max_length=128: expected"),
     ],
 )
 def test_bad_inputs_are_errors_naming_the_key(artifacts, tmp_path, overrides, error, words):

@@ -67,7 +67,7 @@ def tiny_ppo(artifacts: Path, *overrides: str) -> tuple[str, ...]:
         "task=ppo", *TINY_DATA,
         f"init.policy={artifacts / 'policy'}", f"init.reward={artifacts / 'reward'}",
         f"init.cost={artifacts / 'cost'}", "algo.rollout_batch_size=8", "algo.minibatch_size=4",
-        "algo.sampling.max_new_tokens=8", "algo.ptx_batch_size=4", "task.eval_prompts=8",
+        "eval.sampling.max_new_tokens=8", "algo.ptx_batch_size=4", "eval.num_prompts=8",
         *overrides,
     )  # fmt: skip
 
@@ -87,7 +87,7 @@ def tiny_ppo(artifacts: Path, *overrides: str) -> tuple[str, ...]:
         (["task=sft", "task.max_epochs=0"], "task.max_epochs=0"),
         (["task=sft", "task.batch_size=0"], "task.batch_size=0"),
         (["task=reward", "task.batch_size=-1"], "task.batch_size=-1"),
-        (["task=generate", "task.sampling.top_p=1.5"], "task.sampling.top_p=1.5"),
+        (["task=generate", "eval.sampling.top_p=1.5"], "eval.sampling.top_p=1.5"),
     ],
 )
 def test_a_bad_value_is_refused_in_one_line_before_anything_loads(tmp_path, overrides, key):
@@ -122,11 +122,11 @@ def test_a_missing_input_or_a_bad_stage_value_is_refused_in_one_line(tmp_path, o
     [
         (
             ["task=ppo", "model.max_length=8"],
-            "model.max_length=8: expected a value > algo.sampling.max_new_tokens=48",
+            "model.max_length=8: expected a value > eval.sampling.max_new_tokens=48",
         ),
         (
-            ["task=generate", "model.max_length=40", "task.sampling.max_new_tokens=40"],
-            "model.max_length=40: expected a value > task.sampling.max_new_tokens=40",
+            ["task=generate", "model.max_length=40", "eval.sampling.max_new_tokens=40"],
+            "model.max_length=40: expected a value > eval.sampling.max_new_tokens=40",
         ),
         (
             ["task=ppo", "lagrange.lambda_init=8", "lagrange.lambda_max=4"],

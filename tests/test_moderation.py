@@ -879,8 +879,8 @@ def test_generate_task_records_what_happened_to_each_prompt(moderation_run, comp
         f"policy_path={tmp_path / 'policy'}",
         f"guard.moderation={run_dir / 'artifacts' / 'moderation'}",
         "guard.retries=1",
-        "task.num_prompts=20",
-        "task.sampling.max_new_tokens=8",
+        "eval.num_prompts=20",
+        "eval.sampling.max_new_tokens=8",
     )
     metrics = run(cfg, tmp_path / "run")
     records = [

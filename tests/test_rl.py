@@ -315,8 +315,8 @@ def _ppo(compose_cfg, artifacts, *overrides):
         f"init.cost={artifacts / 'cost'}",
         "algo.rollout_batch_size=16",
         "algo.minibatch_size=8",
-        "algo.sampling.max_new_tokens=12",
-        "task.eval_prompts=32",
+        "eval.sampling.max_new_tokens=12",
+        "eval.num_prompts=32",
         *overrides,
     )
 
@@ -696,7 +696,7 @@ def test_ppo_lagrangian_under_ddp_cpu_keeps_lambda_identical_on_both_ranks(
         "data.benchmark.num_train=300", "data.benchmark.num_test=60",
         f"init.policy={untrained_artifacts / 'policy'}", f"init.reward={untrained_artifacts / 'reward'}",
         f"init.cost={untrained_artifacts / 'cost'}", "algo.iterations=3", "algo.rollout_batch_size=8",
-        "algo.minibatch_size=4", "algo.sampling.max_new_tokens=8", "task.eval_prompts=16",
+        "algo.minibatch_size=4", "eval.sampling.max_new_tokens=8", "eval.num_prompts=16",
         f"hydra.run.dir={tmp_path}",
     ]  # fmt: skip
     result = subprocess.run(

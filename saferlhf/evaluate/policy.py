@@ -322,22 +322,42 @@ def sample_and_score(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     prompt_ids: Sequence[Sequence[int]],
-    sampling: Mapping[str, float],
+    sampling: Mapping[str, Any],
     seed: int,
     batch_size: int,
     score_models: Sequence[ScoreModel] = (),
     progress: Callable[[Iterable], Iterable] = lambda batches: batches,
 ) -> PolicySamples:
-    """Sample one response per prompt with fixed ``sampling`` settings and ``seed`` (the global
-    RNG is left as it was), and score each batch with every score model."""
+    """How every task judges a policy (the ``eval`` config node): one response per prompt
+    sampled with fixed ``sampling`` settings from ``seed``, ``batch_size`` prompts per generate
+    call, each batch scored by every score model. The global RNG is left as it was."""
+    devices = [policy.device] if policy.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return sample_batches(
+            policy, tokenizer, prompts, prompt_ids, sampling, batch_size, score_models, progress
+        )
+
+
+def sample_batches(
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    prompt_ids: Sequence[Sequence[int]],
+    sampling: Mapping[str, Any],
+    batch_size: int,
+    score_models: Sequence[ScoreModel] = (),
+    progress: Callable[[Iterable], Iterable] = lambda batches: batches,
+) -> PolicySamples:
+    """:func:`sample_and_score`'s batches, drawn from the global RNG as it stands.
+
+    ``sampling`` holds :func:`saferlhf.rl.rollout.sample_responses`' keyword arguments."""
     shares = {m.key: same_tokenizer(tokenizer, m.tokenizer) for m in score_models}
     for key, shared in shares.items():
         if not shared:
             log.warning("init.%s has another tokenizer than the policy: re-tokenizing text", key)
     samples = PolicySamples(scores={m.key: [] for m in score_models})
-    devices = [policy.device] if policy.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.inference_mode():
-        torch.manual_seed(seed)
+    with torch.inference_mode():
         for start in progress(range(0, len(prompts), batch_size)):
             stop = start + batch_size
             rollout = sample_responses(policy, tokenizer, prompt_ids[start:stop], **sampling)

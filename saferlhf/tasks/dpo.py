@@ -27,13 +27,14 @@ Which pairs:
   ====================  ===========================
 
 On the embedded benchmark the exported policy and the SFT policy it started from are both
-judged by the oracle on the same fixed test prompts with the same seeded sampling:
-``final/gold/<name>`` and ``initial/gold/<name>`` (:func:`saferlhf.evaluate.gold.gold_metrics`).
+judged by the oracle on the fixed test prompts, sampled as ``eval`` says (as task=ppo and
+task=evaluate judge theirs): ``final/gold/<name>`` and ``initial/gold/<name>``
+(:func:`saferlhf.evaluate.gold.gold_metrics`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -47,9 +48,9 @@ from saferlhf.data.module import LanguageModelingCollator, ListDataModule
 from saferlhf.data.sources import load_data
 from saferlhf.errors import ConfigError
 from saferlhf.evaluate.gold import fixed_eval_prompts, gold_metrics
+from saferlhf.evaluate.policy import sample_and_score
 from saferlhf.losses import dpo_loss, sequence_log_probs
 from saferlhf.models import load_tokenizer, save_artifact
-from saferlhf.rl.rollout import decode_responses, sample_responses
 from saferlhf.run import RunContext, TaskResult
 from saferlhf.tasks.common import (
     adamw_with_schedule,
@@ -57,13 +58,6 @@ from saferlhf.tasks.common import (
     gather_across_ranks,
     required_artifact,
 )
-
-# The fixed-prompt gold evaluation. DPOTaskConfig has no prompt-set fields, so these are pinned
-# here; they match task=ppo's defaults (eval_prompts 256, eval_seed 1234) and the sampling is
-# PPO's own (cfg.algo.sampling), so DPO and PPO figures compare directly.
-EVAL_PROMPTS = 256
-EVAL_SEED = 1234  # picks the prompts and seeds the sampling
-EVAL_BATCH = 128  # prompts per generate call
 
 # -- which pairs: preference=dual rules, (rows) -> pairs ----------------------------------------
 
@@ -244,30 +238,21 @@ class DPOModule(pl.LightningModule):
 # -- the fixed-prompt gold evaluation -----------------------------------------------------------
 
 
-def eval_prompts(test_rows: views.Rows) -> list[str]:
-    """``EVAL_PROMPTS`` distinct test prompts in a seeded order (the set task=ppo judges on)."""
-    return fixed_eval_prompts(views.prompts(test_rows), EVAL_PROMPTS, EVAL_SEED)
-
-
-@torch.no_grad()
 def fixed_prompt_gold(
     policy: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     max_length: int,
-    sampling: Mapping[str, float],
+    eval_cfg: DictConfig,
 ) -> dict[str, float]:
-    """Gold metrics of one seeded sample per prompt; the caller's RNG state is left untouched."""
-    prompt_ids = tokenize_prompts(tokenizer, prompts, max_length - sampling["max_new_tokens"])
-    cuda = [policy.device] if policy.device.type == "cuda" else []
-    responses: list[str] = []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(EVAL_SEED)
-        for start in range(0, len(prompt_ids), EVAL_BATCH):
-            chunk = prompt_ids[start : start + EVAL_BATCH]
-            rollout = sample_responses(policy.eval(), tokenizer, chunk, **sampling)
-            responses += decode_responses(tokenizer, rollout)
-    return gold_metrics(prompts, responses)
+    """Gold metrics of one response per prompt, sampled as ``eval_cfg`` says; the caller's RNG
+    state is left untouched."""
+    max_prompt = max_length - eval_cfg.sampling.max_new_tokens
+    samples = sample_and_score(
+        policy.eval(), tokenizer, prompts, tokenize_prompts(tokenizer, prompts, max_prompt),
+        eval_cfg.sampling, eval_cfg.seed, eval_cfg.batch_size,
+    )  # fmt: skip
+    return gold_metrics(prompts, samples.responses)
 
 
 # -- the task -----------------------------------------------------------------------------------
@@ -310,12 +295,11 @@ def dpo_task(run: RunContext) -> TaskResult:
     if fit.trainer.is_global_zero:
         save_artifact(module.policy, tokenizer, artifact)
         if cfg.data.source == "benchmark":
-            prompts = eval_prompts(loaded.splits["test"])
+            test_prompts = views.prompts(loaded.splits["test"])
+            prompts = fixed_eval_prompts(test_prompts, cfg.eval.num_prompts, cfg.eval.seed)
             device = fit.trainer.strategy.root_device
             for stage, model in (("initial", module.reference), ("final", module.policy)):
-                gold = fixed_prompt_gold(
-                    model.to(device), tokenizer, prompts, max_length, dict(cfg.algo.sampling)
-                )
+                gold = fixed_prompt_gold(model.to(device), tokenizer, prompts, max_length, cfg.eval)
                 metrics |= {f"{stage}/gold/{name}": value for name, value in gold.items()}
             run.log_metrics({k: v for k, v in metrics.items() if "/gold/" in k})
     return TaskResult(metrics, {"policy": str(artifact), "checkpoint": fit.best_checkpoint})

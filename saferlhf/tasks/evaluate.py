@@ -1,7 +1,7 @@
 """``saferlhf task=evaluate``: sample from each policy on one fixed prompt set and compare them.
 
 1. prompts: a seeded subset of the test split's distinct prompts, or ``task.prompts_file``;
-2. per policy: one response per prompt with the same sampling settings and seed, scored by
+2. per policy: one response per prompt, sampled as ``eval`` says (one seed for all), scored by
    the reward and cost models (``init.reward``, ``init.cost``), the moderation model
    (``init.moderation``) and, on the embedded benchmark, the gold oracle;
 3. against ``task.baseline``: win rates on helpfulness and harmlessness (gold where the oracle
@@ -135,7 +135,7 @@ def _eval_prompts(cfg: DictConfig, run_dir: Path) -> tuple[list[str], str]:
     loaded = load_data(cfg.data)
     loaded.write_skipped(run_dir)
     test_prompts = views.prompts(loaded.splits["test"])
-    chosen = fixed_eval_prompts(test_prompts, task.num_prompts, task.seed)
+    chosen = fixed_eval_prompts(test_prompts, cfg.eval.num_prompts, cfg.eval.seed)
     return chosen, f"the test split ({len(chosen)} of {len(test_prompts)} distinct prompts)"
 
 
@@ -182,18 +182,18 @@ def _evaluate_policy(
     device: torch.device,
     progress: Callable,
 ) -> PolicyEval:
-    task = cfg.task
+    judged_as = cfg.eval
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
     model = build_causal_lm(_with_path(cfg, path), tokenizer).to(device).eval()
-    max_prompt = cfg.model.max_length - task.sampling.max_new_tokens  # > 0 (validate_config)
+    max_prompt = cfg.model.max_length - judged_as.sampling.max_new_tokens  # > 0: validate_config
     samples = pe.sample_and_score(
         model,
         tokenizer,
         prompts,
         tokenize_prompts(tokenizer, prompts, max_prompt),
-        task.sampling,
-        task.seed,
-        task.batch_size,
+        judged_as.sampling,
+        judged_as.seed,
+        judged_as.batch_size,
         score_models,
         progress=lambda batches: progress(batches, name),
     )
@@ -201,7 +201,7 @@ def _evaluate_policy(
     responses = samples.responses
     gold = oracle.score_batch(prompts, responses) if oracle is not None else None
     verdicts = (
-        moderator.moderate(prompts, responses, max_severity=0, batch_size=task.batch_size)
+        moderator.moderate(prompts, responses, max_severity=0, batch_size=judged_as.batch_size)
         if moderator is not None
         else None
     )
@@ -257,7 +257,7 @@ def _judge(cfg: DictConfig, evals: dict[str, PolicyEval], baseline: str, prompts
         if name == baseline:
             continue
         results[name] = judge_pair(
-            judge_cfg, prompts[:n], ev.responses[:n], evals[baseline].responses[:n], cfg.task.seed
+            judge_cfg, prompts[:n], ev.responses[:n], evals[baseline].responses[:n], cfg.eval.seed
         )
     return results
 
@@ -400,8 +400,8 @@ def evaluate_task(run: RunContext) -> TaskResult:
     results = {
         "num_prompts": len(prompts),
         "prompt_source": prompt_source,
-        "seed": task.seed,
-        "sampling": OmegaConf.to_container(task.sampling),
+        "seed": cfg.eval.seed,
+        "sampling": OmegaConf.to_container(cfg.eval.sampling),
         "baseline": baseline,
         "safe_rate_source": (first.safety() or ("none",))[0],
         "policies": {name: {"path": ev.path} | ev.metrics for name, ev in evals.items()},

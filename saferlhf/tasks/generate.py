@@ -1,18 +1,21 @@
 """``saferlhf task=generate policy_path=DIR [guard.moderation=DIR ...]``: answer a prompt set.
 
+Without ``task.prompts_file`` the prompts are those task=evaluate judges (``eval.num_prompts``
+of the test split, chosen by ``eval.seed``), sampled as it samples them (``eval.*``): unguarded,
+a policy's answers are the ones task=evaluate scores for it.
+
 With ``guard.moderation`` every response is moderated; one flagged above
 ``guard.max_severity`` is resampled up to ``guard.retries`` times, then replaced by
 ``guard.refusal``. ``generations.jsonl`` records each prompt's response, status (accepted,
 resampled, refused), attempts, the moderator's severity per attempt and whether the moderator
 saw a truncated conversation (still judged whole, the worst of several views). A prompt longer than
-``model.max_length - task.sampling.max_new_tokens`` keeps the template and its end;
+``model.max_length - eval.sampling.max_new_tokens`` keeps the template and its end;
 ``generate/truncated_prompts`` and ``generate/truncated_moderated`` count both kinds.
 """
 
 from __future__ import annotations
 
 import json
-import random
 from collections import Counter
 from pathlib import Path
 
@@ -22,11 +25,10 @@ from transformers import AutoModelForCausalLM
 from saferlhf.data.collate import encode_prompts, log_truncated
 from saferlhf.data.sources import load_data
 from saferlhf.data.views import prompts as distinct_prompts
-from saferlhf.evaluate.gold import gold_metrics
-from saferlhf.evaluate.policy import read_prompts_file
+from saferlhf.evaluate.gold import fixed_eval_prompts, gold_metrics
+from saferlhf.evaluate.policy import read_prompts_file, sample_batches
 from saferlhf.models import load_tokenizer
 from saferlhf.moderation.guard import GuardedAnswer, guarded_generate
-from saferlhf.rl.rollout import decode_responses, sample_responses
 from saferlhf.run import RunContext, TaskResult
 from saferlhf.tasks.common import ConfigPathError
 
@@ -35,11 +37,11 @@ def _prompts(cfg) -> list[str]:
     if cfg.task.prompts_file:
         return read_prompts_file(cfg.task.prompts_file)
     test = distinct_prompts(load_data(cfg.data).splits["test"])
-    return random.Random(cfg.task.seed).sample(test, min(cfg.task.num_prompts, len(test)))
+    return fixed_eval_prompts(test, cfg.eval.num_prompts, cfg.eval.seed)
 
 
 def generate_task(run: RunContext) -> TaskResult:
-    cfg, task = run.cfg, run.cfg.task
+    cfg, task, judged_as = run.cfg, run.cfg.task, run.cfg.eval
     if not cfg.policy_path or not Path(cfg.policy_path).is_dir():
         raise ConfigPathError(f"policy_path={cfg.policy_path!r}: expected a policy folder")
     if cfg.guard.moderation and not Path(cfg.guard.moderation).is_dir():
@@ -49,23 +51,27 @@ def generate_task(run: RunContext) -> TaskResult:
     tokenizer = load_tokenizer(cfg.policy_path)
     policy = AutoModelForCausalLM.from_pretrained(cfg.policy_path).eval()
     prompts = _prompts(cfg)
-    max_prompt = cfg.model.max_length - task.sampling.max_new_tokens
+    max_prompt = cfg.model.max_length - judged_as.sampling.max_new_tokens
     encoded = encode_prompts(tokenizer, prompts, max_prompt)
     log_truncated(encoded.num_truncated, len(prompts), "prompts", max_prompt)
     prompt_ids = dict(zip(prompts, encoded.examples, strict=True))
-    torch.manual_seed(task.seed)
-
-    def sample(batch: list[str]) -> list[str]:
-        ids = [prompt_ids[prompt] for prompt in batch]
-        return decode_responses(
-            tokenizer, sample_responses(policy, tokenizer, ids, **task.sampling)
-        )
-
+    moderator = None
     if cfg.guard.moderation:
         from saferlhf.moderation import Moderator
 
+        moderator = Moderator.from_pretrained(cfg.guard.moderation)
+
+    def sample(batch: list[str]) -> list[str]:
+        ids = [prompt_ids[prompt] for prompt in batch]
+        sampled = sample_batches(
+            policy, tokenizer, batch, ids, judged_as.sampling, judged_as.batch_size
+        )
+        return sampled.responses
+
+    # Seeded right before the first draw, so that the first answers are task=evaluate's.
+    torch.manual_seed(judged_as.seed)
+    if moderator is not None:
         g = cfg.guard
-        moderator = Moderator.from_pretrained(g.moderation)
         answers = guarded_generate(prompts, sample, moderator, g.max_severity, g.retries, g.refusal)
     else:
         answers = [

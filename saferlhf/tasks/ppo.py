@@ -46,6 +46,7 @@ from saferlhf.data.module import LanguageModelingCollator, list_loader
 from saferlhf.data.sources import load_data
 from saferlhf.errors import ConfigError
 from saferlhf.evaluate.gold import fixed_eval_prompts, gold_metrics
+from saferlhf.evaluate.policy import ScoreModel, sample_and_score
 from saferlhf.losses import (
     clip_scores,
     combined_advantages,
@@ -80,8 +81,6 @@ from saferlhf.tasks.common import (
 )
 from saferlhf.tasks.sft import response_nll
 
-EVAL_BATCH = 128  # prompts per generate call in the fixed-prompt evaluation
-
 
 def ended_responses(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """``(B,)`` True where a ``(B, R)`` response holds EOS: it ended before ``max_new_tokens``
@@ -108,7 +107,8 @@ class PPOModule(pl.LightningModule):
         algo,
         eval_prompts: Sequence[str],
         eval_prompt_ids: Sequence[Sequence[int]],
-        eval_seed: int,
+        eval_cfg,
+        max_length: int,
         gold: bool,
         ptx_examples: Sequence | None = None,
         sample_every: int = 0,
@@ -124,14 +124,11 @@ class PPOModule(pl.LightningModule):
         self.cost_critic = cost_critic.train() if cost_critic is not None else None
         self.lagrange = lagrange
         self.tokenizer, self.algo = tokenizer, algo
-        self.eval_prompts, self.eval_prompt_ids, self.eval_seed = (
-            list(eval_prompts),
-            list(eval_prompt_ids),
-            eval_seed,
-        )
+        self.eval_prompts, self.eval_prompt_ids = list(eval_prompts), list(eval_prompt_ids)
+        self.eval_cfg, self.max_length = eval_cfg, max_length
         self.gold, self.sample_every = gold, sample_every
         self.sampling = dict(
-            algo.sampling,
+            eval_cfg.sampling,
             static_prompt_width=static_prompt_width,
             compile_decoding=static_prompt_width is not None,
         )
@@ -417,28 +414,26 @@ class PPOModule(pl.LightningModule):
 
     # -- the fixed-prompt gold evaluation before and after training ---------------------------
 
-    @torch.no_grad()
     def evaluate_fixed_prompts(self) -> dict[str, float]:
         """Learned reward and cost (and gold metrics on the benchmark) of responses to the
-        fixed eval prompts, sampled with a fixed seed without disturbing the training RNG."""
-        responses, rewards, costs = [], [], []
-        cuda = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(self.eval_seed)
-            for start in range(0, len(self.eval_prompt_ids), EVAL_BATCH):
-                chunk = self.eval_prompt_ids[start : start + EVAL_BATCH]
-                rollout = sample_responses(self.actor, self.tokenizer, chunk, **self.sampling)
-                responses += decode_responses(self.tokenizer, rollout)
-                rewards.append(sequence_scores(self.reward_model, rollout))
-                if self.cost_model is not None:
-                    costs.append(sequence_scores(self.cost_model, rollout))
-        metrics = {"reward": torch.cat(rewards).mean().item()}
-        if costs:
-            metrics["cost"] = torch.cat(costs).mean().item()
+        fixed eval prompts, sampled as ``eval`` says without disturbing the training RNG."""
+        score_models = [
+            ScoreModel(key, model, self.tokenizer, self.max_length)
+            for key, model in (("reward", self.reward_model), ("cost", self.cost_model))
+            if model is not None
+        ]
+        samples = sample_and_score(
+            self.actor, self.tokenizer, self.eval_prompts, self.eval_prompt_ids, self.sampling,
+            self.eval_cfg.seed, self.eval_cfg.batch_size, score_models,
+        )  # fmt: skip
+        # Means in float32, as the training history's are.
+        metrics = {
+            key: torch.tensor(scores).mean().item() for key, scores in samples.scores.items()
+        }
         if self.gold:
             metrics |= {
                 f"gold/{name}": value
-                for name, value in gold_metrics(self.eval_prompts, responses).items()
+                for name, value in gold_metrics(self.eval_prompts, samples.responses).items()
             }
         return metrics
 
@@ -608,10 +603,10 @@ def ppo_task(run: RunContext) -> TaskResult:
 
     loaded = load_data(cfg.data)
     loaded.write_skipped(run.run_dir)
-    max_prompt = cfg.model.max_length - algo.sampling.max_new_tokens
+    max_prompt = cfg.model.max_length - cfg.eval.sampling.max_new_tokens
     train_prompts = views.prompts(loaded.splits["train"])
     test_prompts = views.prompts(loaded.splits["test"])
-    eval_prompts = fixed_eval_prompts(test_prompts, cfg.task.eval_prompts, cfg.task.eval_seed)
+    eval_prompts = fixed_eval_prompts(test_prompts, cfg.eval.num_prompts, cfg.eval.seed)
     ptx = None
     if algo.ptx_coef > 0:
         pairs = views.conversations(loaded.splits["train"])  # single-preference rows too
@@ -631,7 +626,8 @@ def ppo_task(run: RunContext) -> TaskResult:
         algo,
         eval_prompts=eval_prompts,
         eval_prompt_ids=tokenize_prompts(tokenizer, eval_prompts, max_prompt),
-        eval_seed=cfg.task.eval_seed,
+        eval_cfg=cfg.eval,
+        max_length=cfg.model.max_length,
         gold=cfg.data.source == "benchmark",
         ptx_examples=ptx,
         sample_every=cfg.task.sample_every,
