@@ -9,8 +9,8 @@ that resumes it; 1 when Hydra refuses the command line (an unknown key, a wrong 
 message names the key) or on a bug (with a traceback). A multirun runs every job and exits 2
 when any was refused.
 
-torch and Lightning are imported when the task runs, so a refused config is reported in about
-a second.
+Lightning and the task's modules are imported when the task runs, so a refused config is
+reported before any of them load.
 """
 
 from __future__ import annotations
