@@ -23,7 +23,7 @@ from saferlhf.tasks.dpo import (
     DPOModule,
     PreferenceCollator,
     dual_preference_pairs,
-    response_log_probs,
+    response_log_likelihood,
     safety_first_pairs,
     tokenize_pairs,
     training_pairs,
@@ -111,7 +111,7 @@ def test_dual_preference_needs_safety_labels(compose_cfg, tmp_path):
 # -- per-sequence log-probs -------------------------------------------------------------------
 
 
-def test_sequence_log_probs_match_a_token_loop_over_the_response():
+def test_response_log_likelihood_matches_a_token_loop_over_the_response():
     rows = generate_benchmark(
         num_train=200, num_test=10, seed=0, label_noise=0.0, benign_fraction=0.35
     )["train"]
@@ -123,7 +123,7 @@ def test_sequence_log_probs_match_a_token_loop_over_the_response():
         [(example, 1.0) for example in tokenize_pairs(tokenizer, pairs, max_length=128)]
     )
     with torch.no_grad():
-        batched = response_log_probs(model, batch)  # (2B,): chosen, then rejected
+        batched = response_log_likelihood(model, batch)  # (2B,): chosen, then rejected
 
         expected = []
         for response_of in (lambda p: p.chosen, lambda p: p.rejected):

@@ -137,7 +137,7 @@ class PreferenceCollator:
         return batch
 
 
-def response_log_probs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def response_log_likelihood(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """``log π(y|x)`` per sequence: the summed log-probs of the unmasked label tokens, ``(N,)``."""
     logits = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
@@ -172,9 +172,9 @@ class DPOModule(pl.LightningModule):
 
     def _log_probs(self, batch) -> torch.Tensor:
         """``(B, 4)``: policy chosen, policy rejected, reference chosen, reference rejected."""
-        policy = response_log_probs(self.policy, batch)  # (2B,)
+        policy = response_log_likelihood(self.policy, batch)  # (2B,)
         with torch.no_grad():
-            reference = response_log_probs(self.reference, batch)  # (2B,)
+            reference = response_log_likelihood(self.reference, batch)  # (2B,)
         return torch.stack([*policy.chunk(2), *reference.chunk(2)], dim=1)
 
     def training_step(self, batch, batch_idx):
