@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -132,7 +133,29 @@ def _run_job(cfg: DictConfig) -> None:
         raise SystemExit(EXIT_SIGTERM) from None
 
 
+def url_with_credentials(overrides: Sequence[str]) -> str | None:
+    """The first ``key=URL`` override whose URL holds a user name or password, the secret
+    masked; None when there is none. Hydra records the command line in the run dir's
+    ``.hydra/`` before any config check runs, so such a URL must be refused before Hydra."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if "://" not in value:
+            continue
+        parts = urlsplit(value.strip("'\""))
+        if parts.username is not None or parts.password is not None:
+            host = parts.netloc.rpartition("@")[2]
+            return f"{key}={parts._replace(netloc='***@' + host).geturl()}"
+    return None
+
+
 def main() -> None:
+    if (refused := url_with_credentials(sys.argv[1:])) is not None:
+        report(
+            f"{refused} holds a user name or password, which Hydra would write to the run dir: "
+            "drop it from the URL (a judge's key goes in the environment variable "
+            "task.judge.api_key_env names)"
+        )
+        sys.exit(EXIT_REFUSED)
     _run_job()
     if _refused_jobs:
         report(f"{len(_refused_jobs)} job(s) refused: {', '.join(_refused_jobs)}")
