@@ -73,14 +73,28 @@ class TokenizerConfig:
 
 
 @dataclass
+class LearningRates:
+    """The learning rates that suit a model scale (rates that train a from-scratch tiny model
+    would wreck a pretrained one): the task and algo configs read theirs from here."""
+
+    sft: float = MISSING
+    score: float = MISSING  # reward and cost models
+    moderation: float = MISSING
+    dpo: float = MISSING
+    actor: float = MISSING  # PPO's actor and critics
+    critic: float = MISSING
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
-    name_or_path: str | None = None  # hub id or local folder; None builds `arch` from scratch
-    arch: dict[str, Any] | None = None  # transformers config kwargs for a from-scratch model
-    tokenizer: TokenizerConfig | None = None  # trained on the data when building from scratch
+    name_or_path: str | None = MISSING  # hub id or local folder; None builds `arch` from scratch
+    arch: dict[str, Any] | None = MISSING  # transformers config kwargs for a from-scratch model
+    tokenizer: TokenizerConfig | None = MISSING  # trained on the data when building from scratch
     max_length: int = MISSING
-    trust_remote_code: bool = False
-    dtype: str = "float32"
+    trust_remote_code: bool = MISSING
+    dtype: str = MISSING
+    lr: LearningRates = field(default_factory=LearningRates)
 
 
 @dataclass
@@ -366,6 +380,7 @@ def register_configs() -> None:
     # Each λ rule stores its own schema when its class is defined; this brings the shipped ones
     # (and torch, which their classes extend).
     import saferlhf.rl.lagrange  # noqa: F401
+
     store.store(group="task", name="evaluate_score_schema", node=EvaluateScoreTaskConfig)
     store.store(group="task", name="moderation_schema", node=ModerationTaskConfig)
 
@@ -425,6 +440,7 @@ RANGES: dict[str, Interval] = {
     "task.checkpoint_every": AT_LEAST_ONE,
     "eval.num_prompts": AT_LEAST_ONE,
     "task.sample_every": NON_NEGATIVE,
+    "model.lr.*": POSITIVE,
     "*lr": POSITIVE,  # task.lr, algo.actor_lr, algo.critic_lr, lagrange.lambda_lr
     "*.weight_decay": NON_NEGATIVE,
     "*.warmup_ratio": SHARE,

@@ -80,3 +80,22 @@ def test_artifacts_load_with_plain_transformers_and_by_name_or_path(
     )
     with torch.no_grad():
         torch.testing.assert_close(loaded_policy(**batch).logits, policy(**batch).logits)
+
+
+@pytest.mark.parametrize(
+    "model, task_lr, actor_lr",
+    [
+        ("tiny", {"sft": 3e-3, "reward": 2e-3, "cost": 2e-3, "dpo": 3e-5}, 1e-4),
+        ("qwen2_5_0_5b", {"sft": 2e-5, "reward": 2e-5, "cost": 2e-5, "dpo": 1e-6}, 1e-5),
+        ("llama3_8b", {"sft": 2e-5, "reward": 2e-5, "cost": 2e-5, "dpo": 1e-6}, 1e-5),
+    ],
+)
+def test_a_model_preset_brings_the_learning_rates_of_its_scale(
+    compose_cfg, model, task_lr, actor_lr
+):
+    """From-scratch rates would wreck a pretrained model: each task takes its rate from the
+    model preset, and a command-line value still wins."""
+    learned = {task: compose_cfg(f"model={model}", f"task={task}").task.lr for task in task_lr}
+    assert learned == pytest.approx(task_lr)
+    assert compose_cfg(f"model={model}", "task=ppo").algo.actor_lr == pytest.approx(actor_lr)
+    assert compose_cfg(f"model={model}", "task=sft", "task.lr=0.5").task.lr == 0.5
