@@ -235,7 +235,7 @@ class PPOConfig:
     ptx_mode: PtxMode = MISSING
     ptx_batch_size: int = MISSING
     length_bucketing: bool = MISSING  # minibatches of rows of similar length (less padding)
-    compile_generation: bool | None = None  # torch.compile'd fixed-shape decoding; None: on CUDA
+    compile_generation: bool | None = MISSING  # torch.compile'd fixed-shape decoding; None: CUDA
     gradient_checkpointing: bool = MISSING  # actor and critics recompute activations in backward
     lora_rank: int = MISSING  # > 0: train LoRA adapters on the actor; reference = adapters off
     lora_alpha: float = MISSING
@@ -272,24 +272,22 @@ class DPOTaskConfig(SupervisedTaskConfig):
 class JudgeConfig:
     """An optional LLM judge behind an OpenAI-compatible chat-completions endpoint."""
 
-    enabled: bool = False
-    base_url: str | None = None  # e.g. http://localhost:8000/v1
-    model: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"  # read from the environment, never from the config
-    # Plain http is refused to any host but this machine: the key and the data would cross the
-    # network unencrypted. True allows it (a trusted network).
-    allow_insecure_http: bool = False
-    timeout: float = 30.0
-    max_prompts: int = 64
+    enabled: bool = MISSING
+    base_url: str | None = MISSING
+    model: str | None = MISSING
+    api_key_env: str = MISSING  # the environment variable that holds the key
+    allow_insecure_http: bool = MISSING  # plain http to another host than this machine
+    timeout: float = MISSING
+    max_prompts: int = MISSING
 
 
 @dataclass
 class EvaluateTaskConfig(TaskConfig):
     """Generate with fixed sampling from each policy and compare them."""
 
-    policies: dict[str, str] = field(default_factory=dict)  # name -> policy folder
-    baseline: str | None = None  # the policy the others are compared against (win rates, arena)
-    prompts_file: str | None = None  # JSONL with a "prompt" field; default: the test prompts
+    policies: dict[str, str] = MISSING  # name -> policy folder
+    baseline: str | None = MISSING  # the policy the others are compared against (win rates, arena)
+    prompts_file: str | None = MISSING  # JSONL with a "prompt" field; None: the test prompts
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
@@ -305,7 +303,7 @@ class StageConfig:
 
 @dataclass
 class PipelineTaskConfig(TaskConfig):
-    stages: list[StageConfig] = field(default_factory=list)
+    stages: list[StageConfig] = MISSING
 
 
 @dataclass
@@ -320,7 +318,7 @@ class GuardConfig:
 
 @dataclass
 class GenerateTaskConfig(TaskConfig):
-    prompts_file: str | None = None  # JSONL with a "prompt" field; default: the test prompts
+    prompts_file: str | None = MISSING  # JSONL with a "prompt" field; None: the test prompts
 
 
 @dataclass
