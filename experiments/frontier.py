@@ -71,10 +71,10 @@ from saferlhf.data.benchmark import GoldScore, Oracle
 from saferlhf.data.collate import tokenize_prompts
 from saferlhf.data.sources import load_data
 from saferlhf.evaluate import policy as pe
+from saferlhf.evaluate.comparison import DIMENSIONS, PolicyEval
 from saferlhf.evaluate.gold import fixed_eval_prompts
 from saferlhf.evaluate.policy import markdown_table
 from saferlhf.models import build_causal_lm, load_tokenizer
-from saferlhf.tasks.evaluate import DIMENSIONS, PolicyEval
 
 # The single-preference annotator's harm penalty per severity tier 0-3 (see
 # saferlhf.data.benchmark.single_preference_rows for what each value means).

@@ -34,15 +34,14 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from peft import LoraConfig, TaskType, get_peft_model
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.strategies import DDPStrategy
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import PreTrainedModel
 
 from saferlhf.data import views
 from saferlhf.data.collate import tokenize_prompts, tokenize_sft_examples
-from saferlhf.data.module import LanguageModelingCollator, list_loader
+from saferlhf.data.module import LanguageModelingCollator
 from saferlhf.data.sources import load_data
 from saferlhf.errors import ConfigError
 from saferlhf.evaluate.gold import fixed_eval_prompts, gold_metrics
@@ -60,8 +59,10 @@ from saferlhf.losses import (
     shaped_rewards,
     value_clip_loss,
 )
-from saferlhf.models import load_tokenizer, save_artifact
+from saferlhf.models import save_artifact
 from saferlhf.rl.lagrange import Multiplier, multiplier_from_config
+from saferlhf.rl.models import load_ppo_models
+from saferlhf.rl.prompts import PromptDataModule
 from saferlhf.rl.rollout import (
     Rollout,
     decode_responses,
@@ -482,47 +483,6 @@ class IterationCheckpoint(Callback):
             trainer.save_checkpoint(self.path, weights_only=False)  # the full state, to resume
 
 
-class PromptDataModule(pl.LightningDataModule):
-    """``iterations`` batches of prompts per rank: seeded passes over the train prompts."""
-
-    def __init__(
-        self,
-        prompts: list[str],
-        prompt_ids: list[list[int]],
-        iterations: int,
-        batch_size: int,
-        seed: int,
-    ):
-        super().__init__()
-        self.prompts, self.prompt_ids = prompts, prompt_ids
-        self.iterations, self.batch_size, self.seed = iterations, batch_size, seed
-
-    def train_dataloader(self):
-        world = self.trainer.world_size
-        needed = self.iterations * self.batch_size * world
-        generator = torch.Generator().manual_seed(self.seed)
-        order: list[int] = []
-        while len(order) < needed:
-            order += torch.randperm(len(self.prompts), generator=generator).tolist()
-        examples = [(self.prompts[i], self.prompt_ids[i]) for i in order[:needed]]
-        collate = lambda items: {  # noqa: E731
-            "prompts": [prompt for (prompt, _), _ in items],
-            "prompt_ids": [ids for (_, ids), _ in items],
-        }
-        return list_loader(
-            examples, collate, self.batch_size, False, self.seed, self.trainer.global_rank, world
-        )
-
-
-def with_lora(model: PreTrainedModel, rank: int, alpha: float) -> PreTrainedModel:
-    """``model`` with trainable LoRA adapters on every linear layer of its blocks (the LM head
-    stays frozen), the base weights frozen."""
-    config = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules="all-linear", task_type=TaskType.CAUSAL_LM
-    )
-    return get_peft_model(model, config)
-
-
 def decodes_compiled(algo, trainer_cfg) -> bool:
     """``algo.compile_generation``, or when unset: on CUDA, in one process or under DDP.
 
@@ -531,15 +491,6 @@ def decodes_compiled(algo, trainer_cfg) -> bool:
     if algo.compile_generation is not None:
         return algo.compile_generation
     return trainer_cfg.accelerator in ("gpu", "cuda") and trainer_cfg.strategy in ("auto", "ddp")
-
-
-def _load_score_model(path: str, name: str, tokenizer) -> PreTrainedModel:
-    model = AutoModelForSequenceClassification.from_pretrained(path)
-    if load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
-        raise ValueError(
-            f"init.{name}={path!r} uses a different tokenizer from init.policy; train it with init.policy set"
-        )
-    return model
 
 
 def lr_multiplier(schedule: str, total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
@@ -582,23 +533,8 @@ def ppo_task(run: RunContext) -> TaskResult:
     reward_dir = required_artifact(cfg, "reward")
     cost_dir = required_artifact(cfg, "cost") if uses_cost else None
 
-    tokenizer = load_tokenizer(policy_dir)
-    actor = AutoModelForCausalLM.from_pretrained(policy_dir)
-    reference = None
-    if algo.lora_rank > 0:
-        actor = with_lora(actor, algo.lora_rank, algo.lora_alpha)
-    else:
-        reference = AutoModelForCausalLM.from_pretrained(policy_dir)
-    reward_model = _load_score_model(reward_dir, "reward", tokenizer)
-    reward_critic = AutoModelForSequenceClassification.from_pretrained(reward_dir)
-    cost_model = _load_score_model(cost_dir, "cost", tokenizer) if uses_cost else None
-    cost_critic = (
-        AutoModelForSequenceClassification.from_pretrained(cost_dir) if uses_cost else None
-    )
-    if algo.gradient_checkpointing:
-        for model in (actor, reward_critic, cost_critic):
-            if model is not None:
-                model.activation_checkpointing_enable()
+    models = load_ppo_models(policy_dir, reward_dir, cost_dir, algo)
+    tokenizer = models.tokenizer
     lagrange = multiplier_from_config(cfg.lagrange) if uses_cost else None
 
     loaded = load_data(cfg.data)
@@ -615,12 +551,12 @@ def ppo_task(run: RunContext) -> TaskResult:
         )
 
     module = PPOModule(
-        actor,
-        reference,
-        reward_model,
-        reward_critic,
-        cost_model,
-        cost_critic,
+        models.actor,
+        models.reference,
+        models.reward_model,
+        models.reward_critic,
+        models.cost_model,
+        models.cost_critic,
         lagrange,
         tokenizer,
         algo,
