@@ -215,7 +215,7 @@ def test_judge_settings_are_refused_with_the_config_before_the_run_dir_holds_the
         cwd=tmp_path,
     )
     assert result.returncode == 2
-    assert result.stderr.startswith("saferlhf: error: task.judge.base_url='https://***@judge")
+    assert result.stderr.startswith("saferlhf: error: task.judge.base_url=https://***@judge")
     assert "s3cret-pw" not in result.stderr
     assert not (run_dir / "config.yaml").exists()
 

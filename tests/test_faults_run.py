@@ -138,7 +138,7 @@ def test_a_missing_input_or_a_bad_stage_value_is_refused_in_one_line(tmp_path, o
                 "task=evaluate", "+task.policies.sft={dir}", "task.judge.enabled=true",
                 "task.judge.base_url=https://me:hunter2@judge.example/v1", "task.judge.model=m",
             ],
-            "task.judge.base_url='https://***@judge.example/v1' holds a user name or password",
+            "task.judge.base_url=https://***@judge.example/v1 holds a user name or password",
         ),
     ],
 )  # fmt: skip
