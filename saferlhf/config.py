@@ -64,6 +64,8 @@ class PreferenceConfig:
     name: str = MISSING  # single | dual
     benchmark_kind: str = MISSING  # which labels the embedded benchmark emits for this setting
     use_cost: bool = MISSING  # dual preference trains a cost model and constrains the policy
+    ppo_kl_coef: float = MISSING  # algo.kl_coef of conf/algo/ppo.yaml under this setting
+    ppo_ptx_coef: float = MISSING  # algo.ptx_coef of conf/algo/ppo.yaml under this setting
 
 
 @dataclass
