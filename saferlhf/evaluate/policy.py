@@ -9,6 +9,7 @@ models (:class:`ScoreModel`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -323,48 +324,35 @@ def sample_and_score(
     prompts: Sequence[str],
     prompt_ids: Sequence[Sequence[int]],
     sampling: Mapping[str, Any],
-    seed: int,
+    seed: int | None,
     batch_size: int,
     score_models: Sequence[ScoreModel] = (),
     progress: Callable[[Iterable], Iterable] = lambda batches: batches,
 ) -> PolicySamples:
     """How every task judges a policy (the ``eval`` config node): one response per prompt
-    sampled with fixed ``sampling`` settings from ``seed``, ``batch_size`` prompts per generate
-    call, each batch scored by every score model. The global RNG is left as it was."""
-    devices = [policy.device] if policy.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        return sample_batches(
-            policy, tokenizer, prompts, prompt_ids, sampling, batch_size, score_models, progress
-        )
-
-
-def sample_batches(
-    policy: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    prompt_ids: Sequence[Sequence[int]],
-    sampling: Mapping[str, Any],
-    batch_size: int,
-    score_models: Sequence[ScoreModel] = (),
-    progress: Callable[[Iterable], Iterable] = lambda batches: batches,
-) -> PolicySamples:
-    """:func:`sample_and_score`'s batches, drawn from the global RNG as it stands.
-
-    ``sampling`` holds :func:`saferlhf.rl.rollout.sample_responses`' keyword arguments."""
+    sampled with fixed ``sampling`` settings (:func:`saferlhf.rl.rollout.sample_responses`'
+    keyword arguments) from ``seed``, ``batch_size`` prompts per generate call, each batch
+    scored by every score model. The global RNG is left as it was; with ``seed=None`` the
+    draws come from the global RNG as it stands instead (the guard's resamples go on from
+    where the first answers left off)."""
     shares = {m.key: same_tokenizer(tokenizer, m.tokenizer) for m in score_models}
     for key, shared in shares.items():
         if not shared:
             log.warning("init.%s has another tokenizer than the policy: re-tokenizing text", key)
-    samples = PolicySamples(scores={m.key: [] for m in score_models})
-    with torch.inference_mode():
-        for start in progress(range(0, len(prompts), batch_size)):
-            stop = start + batch_size
-            rollout = sample_responses(policy, tokenizer, prompt_ids[start:stop], **sampling)
-            responses = decode_responses(tokenizer, rollout)
-            samples.responses += responses
-            samples.lengths += rollout.response_mask.sum(-1).long().tolist()
-            for model in score_models:
-                scores = model.score(rollout, prompts[start:stop], responses, shares[model.key])
-                samples.scores[model.key] += scores.tolist()
-    return samples
+    devices = [policy.device] if policy.device.type == "cuda" else []
+    seeded = seed is not None
+    with torch.random.fork_rng(devices=devices) if seeded else contextlib.nullcontext():
+        if seeded:
+            torch.manual_seed(seed)
+        samples = PolicySamples(scores={m.key: [] for m in score_models})
+        with torch.inference_mode():
+            for start in progress(range(0, len(prompts), batch_size)):
+                stop = start + batch_size
+                rollout = sample_responses(policy, tokenizer, prompt_ids[start:stop], **sampling)
+                responses = decode_responses(tokenizer, rollout)
+                samples.responses += responses
+                samples.lengths += rollout.response_mask.sum(-1).long().tolist()
+                for model in score_models:
+                    scores = model.score(rollout, prompts[start:stop], responses, shares[model.key])
+                    samples.scores[model.key] += scores.tolist()
+        return samples

@@ -26,7 +26,7 @@ from saferlhf.data.collate import encode_prompts, log_truncated
 from saferlhf.data.sources import load_data
 from saferlhf.data.views import prompts as distinct_prompts
 from saferlhf.evaluate.gold import fixed_eval_prompts, gold_metrics
-from saferlhf.evaluate.policy import read_prompts_file, sample_batches
+from saferlhf.evaluate.policy import read_prompts_file, sample_and_score
 from saferlhf.models import load_tokenizer
 from saferlhf.moderation.guard import GuardedAnswer, guarded_generate
 from saferlhf.run import RunContext, TaskResult
@@ -63,8 +63,8 @@ def generate_task(run: RunContext) -> TaskResult:
 
     def sample(batch: list[str]) -> list[str]:
         ids = [prompt_ids[prompt] for prompt in batch]
-        sampled = sample_batches(
-            policy, tokenizer, batch, ids, judged_as.sampling, judged_as.batch_size
+        sampled = sample_and_score(
+            policy, tokenizer, batch, ids, judged_as.sampling, None, judged_as.batch_size
         )
         return sampled.responses
 
