@@ -12,6 +12,8 @@ from saferlhf.cli import run
 from saferlhf.data.collate import tokenize_prompts
 from saferlhf.losses import entropy_from_logits, masked_mean
 from saferlhf.models import build_causal_lm, build_score_model, save_artifact
+from saferlhf.rl.config import decodes_compiled
+from saferlhf.rl.experience import ended_responses
 from saferlhf.rl.lagrange import FixedMultiplier, SafeRLHFMultiplier, multiplier_from_config
 from saferlhf.rl.rollout import (
     Rollout,
@@ -25,6 +27,7 @@ from saferlhf.rl.rollout import (
     sequence_scores,
     token_values,
 )
+from saferlhf.rl.update import lr_multiplier
 from saferlhf.run import read_summary
 from saferlhf.tasks.common import (
     NonFiniteError,
@@ -33,7 +36,6 @@ from saferlhf.tasks.common import (
     non_finite,
     non_finite_message,
 )
-from saferlhf.tasks.ppo import decodes_compiled, ended_responses, lr_multiplier
 from tests.tiny import Interrupt, InterruptAt, benchmark_tokenizer, micro_model_cfg
 
 
