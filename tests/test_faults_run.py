@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from saferlhf.models import build_causal_lm, build_score_model, save_artifact
 from saferlhf.run import TaskResult, write_atomically, write_run_files
-from tests.tiny import benchmark_tokenizer, micro_model_cfg
+from tests.tiny import save_micro_artifacts
 
 SAFERLHF = Path(sys.executable).with_name("saferlhf")  # the console script of this venv
 QUIET = ("logger=none", "num_threads=1", "trainer.enable_progress_bar=false")
@@ -53,13 +52,7 @@ def assert_nothing_written(run_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     """Untrained micro policy, reward and cost folders, as earlier stages would write them."""
-    tokenizer = benchmark_tokenizer(num_train=200, vocab_size=512)
-    root = tmp_path_factory.mktemp("artifacts")
-    torch.manual_seed(0)
-    save_artifact(build_causal_lm(micro_model_cfg(), tokenizer), tokenizer, root / "policy")
-    for name in ("reward", "cost"):
-        save_artifact(build_score_model(micro_model_cfg(), tokenizer), tokenizer, root / name)
-    return root
+    return save_micro_artifacts(tmp_path_factory.mktemp("artifacts"))
 
 
 def tiny_ppo(artifacts: Path, *overrides: str) -> tuple[str, ...]:

@@ -15,10 +15,9 @@ from saferlhf import CONF_DIR
 from saferlhf.cli import run
 from saferlhf.config import LagrangeConfig, register_configs
 from saferlhf.errors import ConfigError
-from saferlhf.models import build_causal_lm, build_score_model, save_artifact
 from saferlhf.rl.lagrange import Multiplier, multiplier_from_config, register_rule
 from saferlhf.run import read_summary
-from tests.tiny import benchmark_tokenizer, micro_model_cfg
+from tests.tiny import save_micro_artifacts
 
 
 @register_rule("geometric")
@@ -83,13 +82,7 @@ def _config_dir(tmp_path, name="geometric", text=GEOMETRIC_YAML):
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     """Untrained micro policy, reward and cost folders, as earlier stages would write them."""
-    tokenizer = benchmark_tokenizer(num_train=200, vocab_size=512)
-    root = tmp_path_factory.mktemp("artifacts")
-    torch.manual_seed(0)
-    save_artifact(build_causal_lm(micro_model_cfg(), tokenizer), tokenizer, root / "policy")
-    for name in ("reward", "cost"):
-        save_artifact(build_score_model(micro_model_cfg(), tokenizer), tokenizer, root / name)
-    return root
+    return save_micro_artifacts(tmp_path_factory.mktemp("artifacts"))
 
 
 def test_a_rule_registered_here_drives_lambda_in_a_ppo_run(artifacts, tmp_path):

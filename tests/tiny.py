@@ -1,13 +1,20 @@
-"""Shared test helpers: a micro model config, a tokenizer trained on benchmark text, and a
-callback that stands in for a killed process."""
+"""Shared test helpers: a micro model config, a tokenizer trained on benchmark text, untrained
+micro artifacts, and a callback that stands in for a killed process."""
 
+from pathlib import Path
 from types import SimpleNamespace
 
+import torch
 from pytorch_lightning.callbacks import Callback
 
 from saferlhf.data.benchmark import generate_benchmark
 from saferlhf.data.collate import format_conversation
-from saferlhf.models import train_bpe_tokenizer
+from saferlhf.models import (
+    build_causal_lm,
+    build_score_model,
+    save_artifact,
+    train_bpe_tokenizer,
+)
 
 # Smaller than conf/model/tiny.yaml: these models only need to run, not to learn.
 MICRO_ARCH = {
@@ -36,6 +43,17 @@ def benchmark_tokenizer(num_train: int, vocab_size: int):
     )["train"]
     texts = [format_conversation(r["prompt"], r[f"response_{i}"]) for r in rows for i in (0, 1)]
     return train_bpe_tokenizer(texts, vocab_size=vocab_size, min_frequency=2)
+
+
+def save_micro_artifacts(root: Path) -> Path:
+    """Untrained micro policy, reward and cost folders under ``root``, as earlier stages would
+    write them (seed 0)."""
+    tokenizer = benchmark_tokenizer(num_train=200, vocab_size=512)
+    torch.manual_seed(0)
+    save_artifact(build_causal_lm(micro_model_cfg(), tokenizer), tokenizer, root / "policy")
+    for name in ("reward", "cost"):
+        save_artifact(build_score_model(micro_model_cfg(), tokenizer), tokenizer, root / name)
+    return root
 
 
 class Interrupt(Exception):
