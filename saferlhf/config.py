@@ -324,6 +324,26 @@ class GenerateTaskConfig(TaskConfig):
 
 
 @dataclass
+class ServeTaskConfig(TaskConfig):
+    """task=serve reads policy_path, guard.*, serve.*, model.max_length and eval.sampling."""
+
+
+@dataclass
+class ServeConfig:
+    """task=serve: the OpenAI-compatible server's address, limits and batching."""
+
+    host: str = "127.0.0.1"  # loopback only unless told otherwise
+    port: int = 8000
+    token_env: str | None = None  # environment variable holding the bearer token; unset: no auth
+    max_body_bytes: int = 65536  # larger request bodies are refused (413)
+    max_tokens: int = 64  # the most max_tokens a request may ask for (< model.max_length)
+    max_prompt_tokens: int = 1024  # the longest prompt (last user message) accepted, in tokens
+    max_n: int = 8  # the most choices a request may ask for
+    max_batch_size: int = 8  # requests batched into one generation; 1 turns batching off
+    batch_wait_ms: float = 5.0  # how long the first request of a batch waits for others
+
+
+@dataclass
 class InitConfig:
     """Artifacts of earlier stages (Hugging Face folders) that a stage starts from."""
 
@@ -353,6 +373,7 @@ class Config:
     model_path: str | None = None  # the saved model that task=evaluate_score scores with
     policy_path: str | None = None  # the policy folder that task=generate answers with
     guard: GuardConfig = field(default_factory=GuardConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def register_configs() -> None:
@@ -376,6 +397,7 @@ def register_configs() -> None:
     store.store(group="task", name="evaluate_schema", node=EvaluateTaskConfig)
     store.store(group="task", name="pipeline_schema", node=PipelineTaskConfig)
     store.store(group="task", name="generate_schema", node=GenerateTaskConfig)
+    store.store(group="task", name="serve_schema", node=ServeTaskConfig)
     store.store(group="algo", name="schema", node=PPOConfig)
     # Each λ rule stores its own schema when its class is defined; this brings the shipped ones
     # (and torch, which their classes extend).
@@ -474,6 +496,12 @@ RANGES: dict[str, Interval] = {
     "lagrange.update_delay": NON_NEGATIVE,
     "guard.max_severity": Interval(0, 3),
     "guard.retries": NON_NEGATIVE,
+    "serve.port": Interval(1, 65535),
+    "serve.max_body_bytes": AT_LEAST_ONE,
+    "serve.max_tokens": AT_LEAST_ONE,
+    "serve.max_prompt_tokens": AT_LEAST_ONE,
+    "serve.max_n": AT_LEAST_ONE,
+    "serve.batch_wait_ms": NON_NEGATIVE,
 }
 
 

@@ -21,6 +21,7 @@ TASKS: dict[str, str] = {
     "evaluate": "saferlhf.tasks.evaluate:evaluate_task",
     "pipeline": "saferlhf.tasks.pipeline:pipeline_task",
     "generate": "saferlhf.tasks.generate:generate_task",
+    "serve": "saferlhf.tasks.serve:serve_task",
 }
 
 
