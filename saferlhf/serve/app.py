@@ -80,6 +80,7 @@ class Metrics:
             "choices_by_guard_status": dict(self.choices),
             "refusals_total": self.choices["refused"],
             "batches_total": batcher.batches,
+            "batched_requests_total": batcher.batched_requests,
             "mean_batch_size": batcher.batched_requests / batcher.batches
             if batcher.batches
             else None,
