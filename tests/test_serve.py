@@ -27,7 +27,7 @@ from saferlhf.models import build_score_model, load_tokenizer
 from saferlhf.moderation.api import export_moderator
 from saferlhf.serve.app import AuditLog, Defaults, Limits, create_app
 from saferlhf.serve.engine import Batcher, Engine, GuardSettings, Sampling
-from saferlhf.serve.server import listen
+from saferlhf.serve.server import ListenError, listen
 from saferlhf.tasks.common import ConfigPathError
 from tests.tiny import benchmark_tokenizer, micro_model_cfg, save_micro_artifacts
 
@@ -357,6 +357,30 @@ def test_a_missing_policy_folder_is_a_clean_error(compose_cfg, tmp_path):
     cfg = compose_cfg("task=serve", "logger=none", f"policy_path={tmp_path / 'nowhere'}")
     with pytest.raises(ConfigPathError, match="policy_path="):
         run(cfg, tmp_path / "run")
+
+
+def test_max_tokens_that_leave_no_room_for_a_prompt_are_refused(compose_cfg, artifacts, tmp_path):
+    cfg = compose_cfg(
+        "task=serve",
+        "logger=none",
+        f"policy_path={artifacts / 'policy'}",
+        "serve.max_tokens=125",
+        "model.max_length=128",
+    )
+    with pytest.raises(ConfigError, match=r"serve\.max_tokens=125: leaves 3 of model\.max_length"):
+        run(cfg, tmp_path / "run")
+
+
+def test_a_taken_port_is_refused_naming_it(compose_cfg, artifacts, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = compose_cfg(
+            "task=serve", "logger=none", f"policy_path={artifacts / 'policy'}", f"serve.port={port}"
+        )
+        with pytest.raises(ListenError, match=f"serve.port={port}: cannot listen there"):
+            run(cfg, tmp_path / "run")
 
 
 def test_the_command_reports_a_bad_port_in_one_line(tmp_path):

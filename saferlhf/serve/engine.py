@@ -10,6 +10,7 @@ moderated, a flagged one resampled up to ``guard.retries`` times, then refused.
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -84,13 +85,16 @@ class Engine:
     ):
         self.policy = policy.eval()
         self.tokenizer = tokenizer
+        # Requests are measured on the event loop while the worker thread tokenizes: a fast
+        # tokenizer used from two threads at once can fail ("Already borrowed").
+        self.counting_tokenizer = copy.deepcopy(tokenizer)
         self.max_length = max_length
         self.moderator = moderator
         self.guard = guard
 
     def prompt_tokens(self, prompt: str) -> int:
         """Tokens of ``prompt`` alone, without the template (what serve.max_prompt_tokens limits)."""
-        return len(segment(self.tokenizer, [prompt], None)[0].prompt)
+        return len(segment(self.counting_tokenizer, [prompt], None)[0].prompt)
 
     def complete(self, requests: Sequence[tuple[str, int, Sampling]]) -> list[list[Choice]]:
         """The choices of each ``(prompt, n, sampling)`` request, sampled group by group."""

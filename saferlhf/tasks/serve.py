@@ -42,6 +42,19 @@ def _check(cfg) -> None:
         )
 
 
+def _check_room(tokenizer, max_length: int, max_tokens: int) -> None:
+    """A request of serve.max_tokens must leave room for the template and a prompt token."""
+    from saferlhf.data.collate import segment
+
+    template = segment(tokenizer, ["x"], None)[0].fixed
+    if max_length - max_tokens <= template:
+        raise ConfigError(
+            f"serve.max_tokens={max_tokens}: leaves {max_length - max_tokens} of "
+            f"model.max_length={max_length} tokens for the prompt, which needs the template's "
+            f"{template} and at least one more"
+        )
+
+
 def _token(token_env: str | None) -> str | None:
     if not token_env:
         return None
@@ -63,30 +76,35 @@ def serve_task(run: RunContext) -> TaskResult:
     from saferlhf.serve.server import listen, run_server
 
     serve, sampling = cfg.serve, cfg.eval.sampling
-    sock = listen(serve.host, serve.port)  # before loading: a taken port fails at once
-    moderator = None
-    if cfg.guard.moderation:
-        from saferlhf.moderation import Moderator
+    tokenizer = load_tokenizer(cfg.policy_path)
+    _check_room(tokenizer, cfg.model.max_length, serve.max_tokens)
+    sock = listen(serve.host, serve.port)  # before loading the models: a taken port fails at once
+    try:
+        moderator = None
+        if cfg.guard.moderation:
+            from saferlhf.moderation import Moderator
 
-        moderator = Moderator.from_pretrained(cfg.guard.moderation)
-    engine = Engine(
-        AutoModelForCausalLM.from_pretrained(cfg.policy_path),
-        load_tokenizer(cfg.policy_path),
-        cfg.model.max_length,
-        moderator,
-        GuardSettings(cfg.guard.max_severity, cfg.guard.retries, cfg.guard.refusal),
-    )
-    batcher = Batcher(engine, serve.max_batch_size, serve.batch_wait_ms / 1000)
-    audit = AuditLog(run.run_dir / "audit.jsonl")
-    app = create_app(
-        batcher,
-        Path(cfg.policy_path).name,
-        Defaults(sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k),
-        Limits(serve.max_body_bytes, serve.max_tokens, serve.max_prompt_tokens, serve.max_n),
-        audit,
-        token,
-    )
-    run_server(app, sock)
+            moderator = Moderator.from_pretrained(cfg.guard.moderation)
+        engine = Engine(
+            AutoModelForCausalLM.from_pretrained(cfg.policy_path),
+            tokenizer,
+            cfg.model.max_length,
+            moderator,
+            GuardSettings(cfg.guard.max_severity, cfg.guard.retries, cfg.guard.refusal),
+        )
+        batcher = Batcher(engine, serve.max_batch_size, serve.batch_wait_ms / 1000)
+        audit = AuditLog(run.run_dir / "audit.jsonl")
+        app = create_app(
+            batcher,
+            Path(cfg.policy_path).name,
+            Defaults(sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k),
+            Limits(serve.max_body_bytes, serve.max_tokens, serve.max_prompt_tokens, serve.max_n),
+            audit,
+            token,
+        )
+        run_server(app, sock)
+    finally:
+        sock.close()
     counters = app.state.metrics.snapshot(batcher)
     metrics = {
         "serve/requests": counters["requests_total"],
