@@ -112,7 +112,7 @@ async def read_json(request: Request, limit: int) -> Any:
             raise too_large
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise APIError(
             400, f"request body is not valid JSON: {error}", code="invalid_json"
         ) from None

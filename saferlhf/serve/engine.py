@@ -91,6 +91,7 @@ class Engine:
         self.max_length = max_length
         self.moderator = moderator
         self.guard = guard
+        self.rng_devices = [policy.device] if policy.device.type == "cuda" else []
 
     def prompt_tokens(self, prompt: str) -> int:
         """Tokens of ``prompt`` alone, without the template (what serve.max_prompt_tokens limits)."""
@@ -98,16 +99,18 @@ class Engine:
 
     def complete(self, requests: Sequence[tuple[str, int, Sampling]]) -> list[list[Choice]]:
         """The choices of each ``(prompt, n, sampling)`` request, sampled group by group."""
-        rows = [(i, prompt, sampling) for i, (prompt, n, sampling) in enumerate(requests)]
-        rows = [row for row in rows for _ in range(requests[row[0]][1])]
+        groups: dict[Sampling, list[tuple[int, str]]] = {}  # rows: (request, prompt)
+        for request, (prompt, n, sampling) in enumerate(requests):
+            groups.setdefault(sampling, []).extend([(request, prompt)] * n)
         choices: list[list[Choice]] = [[] for _ in requests]
-        groups: dict[Sampling, list[tuple[int, str]]] = {}
-        for request, prompt, sampling in rows:
-            groups.setdefault(sampling, []).append((request, prompt))
         for sampling, members in groups.items():
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)
-            answers = self._answer([prompt for _, prompt in members], sampling)
+            prompts = [prompt for _, prompt in members]
+            if sampling.seed is None:
+                answers = self._answer(prompts, sampling)
+            else:  # seeded apart: unseeded requests do not become predictable after it
+                with torch.random.fork_rng(devices=self.rng_devices):
+                    torch.manual_seed(sampling.seed)
+                    answers = self._answer(prompts, sampling)
             for (request, _), choice in zip(members, answers, strict=True):
                 choices[request].append(choice)
         return choices
