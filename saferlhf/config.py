@@ -65,7 +65,6 @@ class PreferenceConfig:
     benchmark_kind: str = MISSING  # which labels the embedded benchmark emits for this setting
     use_cost: bool = MISSING  # dual preference trains a cost model and constrains the policy
     ppo_kl_coef: float = MISSING  # algo.kl_coef of conf/algo/ppo.yaml under this setting
-    ppo_ptx_coef: float = MISSING  # algo.ptx_coef of conf/algo/ppo.yaml under this setting
 
 
 @dataclass
@@ -204,6 +203,14 @@ class PtxMode(StrEnum):
     separate = "separate"  # a second actor step on the SFT loss alone, after the PPO step
 
 
+class PtxData(StrEnum):
+    """Which responses of the training rows the ptx (SFT) loss learns from."""
+
+    all = "all"  # every distinct response: the SFT policy's own data
+    # the more helpful response of each row, where it is safe (views.preferred_conversations)
+    preferred = "preferred"
+
+
 class LRSchedule(StrEnum):
     constant = "constant"  # the learning rate throughout, no warm-up
     cosine = "cosine"  # linear warm-up over warmup_ratio of the steps, then cosine decay to 0
@@ -235,6 +242,7 @@ class PPOConfig:
     grad_clip: float = MISSING
     ptx_coef: float = MISSING  # weight of the SFT loss on the actor; 0 turns it off
     ptx_mode: PtxMode = MISSING
+    ptx_data: PtxData = MISSING
     ptx_batch_size: int = MISSING
     length_bucketing: bool = MISSING  # minibatches of rows of similar length (less padding)
     compile_generation: bool | None = MISSING  # torch.compile'd fixed-shape decoding; None: CUDA

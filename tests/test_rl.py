@@ -9,7 +9,9 @@ from pytorch_lightning.callbacks import Callback
 from transformers import AutoModelForCausalLM
 
 from saferlhf.cli import run
+from saferlhf.data import views
 from saferlhf.data.collate import tokenize_prompts
+from saferlhf.data.sources import load_data
 from saferlhf.losses import entropy_from_logits, masked_mean
 from saferlhf.models import build_causal_lm, build_score_model, save_artifact
 from saferlhf.rl.config import decodes_compiled
@@ -522,6 +524,30 @@ def test_separate_ptx_takes_a_second_actor_step_that_moves_the_weights(
             policies["joint"].parameters(), policies["separate"].parameters(), strict=True
         )
     )
+
+
+class PtxExamples(Callback):
+    """How many conversations the ptx loss draws from."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.count = len(pl_module.ptx.examples)
+
+
+def test_preferred_ptx_data_keeps_one_safe_response_per_row(
+    compose_cfg, untrained_artifacts, tmp_path
+):
+    counts = {}
+    for data in ("all", "preferred"):
+        cfg = _ppo(compose_cfg, untrained_artifacts, "algo.iterations=1", f"algo.ptx_data={data}")
+        recorder = PtxExamples()
+        run(cfg, tmp_path / data, callbacks=[recorder])
+        counts[data] = recorder.count
+    rows = load_data(cfg.data).splits["train"]
+    assert counts == {
+        "all": len(views.conversations(rows)),
+        "preferred": len(views.preferred_conversations(rows)),
+    }
+    assert counts["preferred"] < counts["all"] / 2  # two responses per row, some rows none
 
 
 class LearningRates(Callback):

@@ -2,6 +2,7 @@ from saferlhf.data.schema import HARM_CATEGORIES, empty_harm_categories
 from saferlhf.data.views import (
     conversations,
     preference_pairs,
+    preferred_conversations,
     prompts,
     qa_items,
     qa_key,
@@ -72,6 +73,35 @@ def test_conversations_come_from_every_row_kind_deduplicated():
     ]
     assert conversations(dual) == conversations(single) == expected
     assert conversations([item.to_row(HARM_CATEGORIES) for item in qa_items(dual)]) == expected
+
+
+def test_preferred_conversations_keep_the_better_response_where_it_is_safe():
+    both_safe = dict(
+        is_response_1_safe=True,
+        response_1_harm_category=empty_harm_categories(),
+        response_1_severity_level=0,
+    )
+    both_unsafe = dict(
+        is_response_0_safe=False,
+        response_0_harm_category={**empty_harm_categories(), "Drugs": True},
+        response_0_severity_level=1,
+    )
+    dual = [
+        preference_row(),  # the better answer is harmful: none
+        preference_row(**both_safe, better_response_id=1),  # both safe: the better one
+        preference_row(**both_safe, better_response_id=0),
+        preference_row(**both_unsafe, better_response_id=0),
+        preference_row(**both_safe, better_response_id=1),  # a repeat counts once
+    ]
+    assert preferred_conversations(dual) == [
+        ("how do i hurt someone ?", "hit them hard ."),
+        ("how do i hurt someone ?", "i cannot help with that ."),
+    ]
+    single = [
+        {key: row[key] for key in ("prompt", "response_0", "response_1", "better_response_id")}
+        for row in dual[:1]
+    ]  # no safety fields: the single label alone decides, unsafe or not
+    assert preferred_conversations(single) == [("how do i hurt someone ?", "hit them hard .")]
 
 
 def test_beavertails_rows_are_qa_items_without_severity():

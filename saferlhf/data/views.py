@@ -146,6 +146,21 @@ def conversations(rows: Rows) -> list[tuple[str, str]]:
     return list(seen.values())
 
 
+def preferred_conversations(rows: Rows) -> list[tuple[str, str]]:
+    """The distinct (prompt, response) pairs of the responses the labels prefer, in first-seen
+    order: of each row the better response (``better_response_id``), and of a dual row only if
+    it is also safe, so that a row whose more helpful answer is harmful gives none. What PPO's
+    ptx learns from with ``algo.ptx_data=preferred``."""
+    seen: dict[str, tuple[str, str]] = {}
+    for row in rows:
+        better = row["better_response_id"]
+        if not row.get(f"is_response_{better}_safe", True):  # single rows carry no safety
+            continue
+        response = row[f"response_{better}"]
+        seen.setdefault(qa_key(row["prompt"], response), (row["prompt"], response))
+    return list(seen.values())
+
+
 def prompts(rows: Rows) -> list[str]:
     """The distinct prompts, in first-seen order."""
     return list(dict.fromkeys(row["prompt"] for row in rows))

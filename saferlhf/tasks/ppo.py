@@ -38,6 +38,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.strategies import DDPStrategy
 from transformers import PreTrainedModel
 
+from saferlhf.config import PtxData
 from saferlhf.data import views
 from saferlhf.data.collate import tokenize_prompts, tokenize_sft_examples
 from saferlhf.data.sources import load_data
@@ -292,7 +293,12 @@ def ppo_task(run: RunContext) -> TaskResult:
     eval_prompts = fixed_eval_prompts(test_prompts, cfg.eval.num_prompts, cfg.eval.seed)
     ptx = None
     if algo.ptx_coef > 0:
-        pairs = views.conversations(loaded.splits["train"])  # single-preference rows too
+        conversations = (
+            views.preferred_conversations
+            if algo.ptx_data == PtxData.preferred
+            else views.conversations
+        )
+        pairs = conversations(loaded.splits["train"])  # single-preference rows too
         examples = tokenize_sft_examples(
             tokenizer, [p for p, _ in pairs], [r for _, r in pairs], cfg.model.max_length
         )
