@@ -249,12 +249,13 @@ def plot_training_curves(artifacts: dict[str, dict[str, str]], path: Path) -> Pa
         for key, title in CURVES
         if any(key in h for v in histories.values() for h in v)
     ]
+    colors = {stage: f"C{i}" for i, stage in enumerate(histories)}  # one per stage, every panel
     fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.2), squeeze=False)
     for ax, (key, title) in zip(axes[0], curves, strict=True):
         for stage, history in histories.items():
             points = [(h["iteration"], h[key]) for h in history if key in h]
             if points:
-                ax.plot(*zip(*points, strict=True), label=stage)
+                ax.plot(*zip(*points, strict=True), label=stage, color=colors[stage])
         ax.set_title(title)
         ax.set_xlabel("PPO iteration")
         ax.legend(fontsize=8)
