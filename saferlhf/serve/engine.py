@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from saferlhf.data.collate import encode_prompts, segment
 from saferlhf.moderation.api import Moderator, Verdict, flag, over_threshold
 from saferlhf.moderation.guard import GuardedAnswer, guarded_generate
+from saferlhf.rl.experience import ended_responses
 from saferlhf.rl.rollout import decode_responses, sample_responses
 
 T = TypeVar("T")
@@ -128,16 +129,16 @@ class Engine:
             sampling.top_p,
         )
         lengths = rollout.response_mask.sum(-1).long().tolist()
+        ended_rows = ended_responses(rollout.responses, self.tokenizer.eos_token_id).tolist()
         draws = []
-        for ids, row, text, length in zip(
+        for ids, text, length, ended in zip(
             prompt_ids,
-            rollout.responses,
             decode_responses(self.tokenizer, rollout),
             lengths,
+            ended_rows,
             strict=True,
         ):
             text, stopped = cut_at_stop(text, sampling.stop)
-            ended = length > 0 and int(row[length - 1]) == self.tokenizer.eos_token_id
             reason = "stop" if stopped or ended else "length"
             draws.append(_Draw(text, reason, length - int(ended), len(ids)))
         return draws
