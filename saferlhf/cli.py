@@ -7,7 +7,8 @@ input file or row, or an artifact was refused, or training went non-finite, with
 process killed by it) when SIGTERM stopped training, after saving its state, with the command
 that resumes it; 1 when Hydra refuses the command line (an unknown key, a wrong type: its
 message names the key) or on a bug (with a traceback). A multirun runs every job and exits 2
-when any was refused.
+when any was refused. With ``objective.metric`` set, each job returns its objective
+(saferlhf.objective) to the sweeper, e.g. Optuna's (experiment=lagrange_search).
 
 Lightning and the task's modules are imported when the task runs, so a refused config is
 reported before any of them load.
@@ -32,15 +33,18 @@ from omegaconf import DictConfig
 from saferlhf import CONF_DIR
 from saferlhf.config import register_configs, validate_config
 from saferlhf.errors import UserError
+from saferlhf.objective import constrained_objective
 from saferlhf.run import (
     Preempted,
     RunContext,
     build_logger,
     close_logger,
     job_name,
+    read_summary,
     write_config,
     write_run_files,
 )
+from saferlhf.sweep import UnfinishedJobs
 from saferlhf.tasks import get_task
 
 if TYPE_CHECKING:
@@ -55,7 +59,8 @@ register_configs()
 
 
 def run(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
-    """Run ``cfg.task`` in ``run_dir`` and return its metrics (``callbacks`` join any fit).
+    """Run ``cfg.task`` in ``run_dir`` and return its metrics (``callbacks`` join any fit); with
+    ``objective.metric`` set, summary.json also holds the run's objective (saferlhf.objective).
 
     The config is validated before anything loads. Every fit also stops on non-finite
     training and checkpoints on SIGTERM (raising :class:`Preempted`)."""
@@ -87,6 +92,11 @@ def run(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> d
         raise Preempted(sigterm.checkpoint) from None
     finally:
         close_logger(logger, status)
+    objective = cfg.objective
+    if objective.metric is not None:  # checked before summary.json marks the run finished
+        result.objective = constrained_objective(
+            result.metrics, objective.metric, objective.constraint, objective.at_most or 0.0
+        )
     if rank_zero_only.rank == 0:  # under DDP every rank runs the task; one writes the summary
         summary = write_run_files(cfg, run_dir, result)
         log.info("summary: %s", summary)
@@ -112,22 +122,23 @@ def preempted_message(stop: Preempted, overrides: Sequence[str], run_dir: str) -
     )
 
 
-_refused_jobs: list[str] = []  # multirun jobs that were refused; the sweep goes on without them
-
-
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def _run_job(cfg: DictConfig) -> None:
+def _run_job(cfg: DictConfig) -> float | None:
+    """One job; it returns its objective (``objective.*``) to a sweeper, None when none is set
+    or the job was refused (a sweeper counts that trial failed)."""
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         run(cfg, Path(run_dir))
+        return read_summary(run_dir).get("objective")
     except UserError as error:
         if not multirun:
             report(str(error))
             raise SystemExit(EXIT_REFUSED) from None
+        # The sweep goes on; UnfinishedJobs names this job again when the sweep ends.
         report(f"job {hydra_cfg.job.num} ({job_name()}): {error}")
-        _refused_jobs.append(job_name())
+        return None
     except Preempted as stop:
         report(preempted_message(stop, list(hydra_cfg.overrides.task), run_dir))
         raise SystemExit(EXIT_SIGTERM) from None
@@ -157,8 +168,8 @@ def main() -> None:
         )
         sys.exit(EXIT_REFUSED)
     _run_job()
-    if _refused_jobs:
-        report(f"{len(_refused_jobs)} job(s) refused: {', '.join(_refused_jobs)}")
+    if UnfinishedJobs.found:
+        report(f"{len(UnfinishedJobs.found)} job(s) refused: {', '.join(UnfinishedJobs.found)}")
         sys.exit(EXIT_REFUSED)
 
 

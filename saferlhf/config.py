@@ -352,6 +352,16 @@ class ServeConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What a run returns to a Hydra sweeper (saferlhf.objective): ``metric`` of its summary,
+    maximised while ``constraint`` stays at or under ``at_most``; no metric: nothing."""
+
+    metric: str | None = None  # e.g. final/gold/helpfulness
+    constraint: str | None = None  # e.g. final/gold/unsafe_or_unreadable_rate
+    at_most: float | None = None
+
+
+@dataclass
 class InitConfig:
     """Artifacts of earlier stages (Hugging Face folders) that a stage starts from."""
 
@@ -382,6 +392,7 @@ class Config:
     policy_path: str | None = None  # the policy folder that task=generate answers with
     guard: GuardConfig = field(default_factory=GuardConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
 def register_configs() -> None:
@@ -557,6 +568,13 @@ def combination_error(cfg: dict[str, Any]) -> str | None:
                 f"model.max_length={max_length}: expected a value > {key}={max_new_tokens}, "
                 "so that a prompt has room before the generated tokens"
             )
+    objective = cfg["objective"]
+    if objective["constraint"] is not None and objective["at_most"] is None:
+        return (
+            f"objective.constraint={objective['constraint']}: expected objective.at_most, its bound"
+        )
+    if objective["constraint"] is not None and objective["metric"] is None:
+        return f"objective.constraint={objective['constraint']}: expected objective.metric to go with it"
     lagrange = cfg["lagrange"]
     lambda_init, lambda_max = lagrange.get("lambda_init"), lagrange.get("lambda_max")
     if lambda_init is not None and lambda_max is not None and lambda_init > lambda_max:

@@ -43,6 +43,7 @@ class TaskResult:
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
     variant: str | None = None  # which algorithm a task that has several ran, e.g. ppo's λ rule
+    objective: float | None = None  # what a sweeper optimises (objective.*), when one is set
 
 
 @dataclass
@@ -131,14 +132,16 @@ def json_metric(value: float | None) -> float | None:
 
 
 def write_run_files(cfg: DictConfig, run_dir: Path, result: TaskResult) -> Path:
-    """Write the resolved config and ``summary.json`` (task, metrics, artifacts, and the variant
-    when the task names one) into the run dir; summary.json is strict JSON, written last and
-    atomically, so that it marks a finished run."""
+    """Write the resolved config and ``summary.json`` (task, metrics, artifacts, the variant
+    when the task names one, the objective when one is set) into the run dir; summary.json is
+    strict JSON, written last and atomically, so that it marks a finished run."""
     write_config(cfg, run_dir)
     metrics = {name: json_metric(value) for name, value in result.metrics.items()}
     summary = {"task": cfg.task.name, "metrics": metrics, "artifacts": result.artifacts}
     if result.variant is not None:
         summary["variant"] = result.variant
+    if result.objective is not None:
+        summary["objective"] = result.objective
     path = run_dir / "summary.json"
     write_atomically(path, json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n")
     return path

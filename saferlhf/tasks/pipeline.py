@@ -34,8 +34,9 @@ from saferlhf.run import RunContext, TaskResult, read_summary
 
 log = logging.getLogger(__name__)
 
-# User overrides that belong to the pipeline itself, not to its stages.
-_PIPELINE_ONLY = ("task", "hydra", "ckpt_path")
+# User overrides that belong to the pipeline itself, not to its stages (a sweep's objective
+# names pipeline metrics, <stage>/<metric>).
+_PIPELINE_ONLY = ("task", "hydra", "ckpt_path", "objective")
 
 # Config keys that do not change a stage's results: where and how it logs, its CPU threads,
 # how it was started and the run's name. The init paths a stage takes from earlier stages are
