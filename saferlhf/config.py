@@ -86,6 +86,11 @@ class LearningRates:
     critic: float = MISSING
 
 
+class PromptTemplate(StrEnum):
+    safe_rlhf = "safe_rlhf"  # BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:
+    chat = "chat"  # the tokenizer's own chat template, stopping at its end-of-turn token
+
+
 @dataclass
 class ModelConfig:
     name: str = MISSING
@@ -96,6 +101,7 @@ class ModelConfig:
     trust_remote_code: bool = MISSING
     dtype: str = MISSING
     lr: LearningRates = field(default_factory=LearningRates)
+    prompt_template: PromptTemplate = PromptTemplate.safe_rlhf
 
 
 @dataclass

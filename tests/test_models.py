@@ -1,5 +1,6 @@
 import pytest
 import torch
+from pytorch_lightning.callbacks import Callback
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from saferlhf.data.benchmark import generate_benchmark
@@ -10,6 +11,7 @@ from saferlhf.models import (
     count_parameters,
     save_artifact,
 )
+from tests.tiny import save_micro_artifacts
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +101,29 @@ def test_a_model_preset_brings_the_learning_rates_of_its_scale(
     assert learned == pytest.approx(task_lr)
     assert compose_cfg(f"model={model}", "task=ppo").algo.actor_lr == pytest.approx(actor_lr)
     assert compose_cfg(f"model={model}", "task=sft", "task.lr=0.5").task.lr == 0.5
+
+
+class _TrainingModes(Callback):
+    """Records, at the first training batch, whether every module of the trained model is in
+    training mode."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            self.all_training = all(m.training for m in pl_module.model.modules())
+
+
+@pytest.mark.parametrize("task", ["sft", "reward", "moderation"])
+def test_a_model_loaded_from_a_folder_trains_in_training_mode(compose_cfg, tmp_path, task):
+    """from_pretrained returns a model in eval mode (dropout off); Lightning keeps the modes
+    it finds, so each task has to put its model in training mode itself."""
+    from saferlhf.cli import run
+
+    artifacts = save_micro_artifacts(tmp_path / "artifacts")
+    cfg = compose_cfg(
+        f"task={task}", f"init.policy={artifacts / 'policy'}", "logger=none",
+        "trainer.enable_progress_bar=false", "task.max_epochs=1",
+        "data.benchmark.num_train=64", "data.benchmark.num_test=16",
+    )  # fmt: skip
+    modes = _TrainingModes()
+    run(cfg, tmp_path / "run", callbacks=[modes])
+    assert modes.all_training

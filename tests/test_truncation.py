@@ -13,8 +13,7 @@ import torch
 
 from saferlhf.data.benchmark import generate_benchmark
 from saferlhf.data.collate import (
-    HEAD,
-    MARKER,
+    SAFE_RLHF,
     Window,
     encode_conversations,
     encode_prompts,
@@ -147,8 +146,8 @@ def test_segments_split_at_the_template_whatever_the_text(tokenizer, prompt, res
     (parts,) = segment(tokenizer, [prompt], [response])
     joined = [*parts.head, *parts.prompt, *parts.marker, *parts.response]
     assert joined == ids_of(tokenizer, format_conversation(prompt, response))
-    assert tokenizer.decode(parts.head) == HEAD
-    assert tokenizer.decode(parts.marker) == MARKER
+    assert tokenizer.decode(parts.head) == SAFE_RLHF.head
+    assert tokenizer.decode(parts.marker) == SAFE_RLHF.marker
     assert tokenizer.decode(parts.prompt) == " " + prompt
 
 
@@ -159,8 +158,8 @@ def test_a_long_prompt_keeps_the_template_its_end_and_the_whole_response(tokeniz
     assert encoded.truncated == [True] and len(ids) == 128
     assert ids[-len(response) - 1 :] == response + [tokenizer.eos_token_id]
     text = tokenizer.decode(ids[:-1])
-    assert text.startswith(HEAD + " ") and text.endswith(MARKER + " " + SEVERE)
-    kept_prompt = text[len(HEAD) + 1 : -len(MARKER + " " + SEVERE)]
+    assert text.startswith(SAFE_RLHF.head + " ") and text.endswith(SAFE_RLHF.marker + " " + SEVERE)
+    kept_prompt = text[len(SAFE_RLHF.head) + 1 : -len(SAFE_RLHF.marker + " " + SEVERE)]
     assert LONG_PROMPT.endswith(kept_prompt) and len(kept_prompt) > 100
 
 
@@ -169,7 +168,7 @@ def test_score_models_read_the_end_of_a_response_longer_than_the_window(tokenize
     (ids,) = encode_conversations(tokenizer, ["hi"], [response], 64).examples
     assert len(ids) == 64 and ids[-1] == tokenizer.eos_token_id
     text = tokenizer.decode(ids[:-1])  # the response alone overflows: no prompt left
-    assert text.startswith(HEAD + MARKER) and text.endswith(SEVERE)
+    assert text.startswith(SAFE_RLHF.head + SAFE_RLHF.marker) and text.endswith(SEVERE)
 
 
 def test_sft_learns_every_response_token_behind_a_long_prompt(tokenizer):
@@ -178,7 +177,7 @@ def test_sft_learns_every_response_token_behind_a_long_prompt(tokenizer):
     assert encoded.truncated == [True] and len(ids) == 128
     learned = [t for t in labels if t != -100]
     assert learned == ids_of(tokenizer, " " + SEVERE) + [tokenizer.eos_token_id]
-    assert tokenizer.decode(ids[: len(ids) - len(learned)]).endswith(MARKER)
+    assert tokenizer.decode(ids[: len(ids) - len(learned)]).endswith(SAFE_RLHF.marker)
 
     # A response too long for the window keeps its beginning and learns no EOS.
     long_response = SEVERE + " " + BENIGN * 20
@@ -191,7 +190,9 @@ def test_generation_prompts_keep_the_template_and_the_cue(tokenizer):
     encoded = encode_prompts(tokenizer, [LONG_PROMPT, "hi"], 48)
     long, short = encoded.examples
     assert encoded.truncated == [True, False] and len(long) == 48
-    assert tokenizer.decode(long).startswith(HEAD) and tokenizer.decode(long).endswith(MARKER)
+    assert tokenizer.decode(long).startswith(SAFE_RLHF.head) and tokenizer.decode(long).endswith(
+        SAFE_RLHF.marker
+    )
     assert short == ids_of(tokenizer, format_prompt("hi"))
 
 
@@ -201,7 +202,7 @@ def test_moderation_windows_see_every_response_token(tokenizer):
     windows, (short,) = encoded.examples
     assert encoded.truncated == [True, False] and len(windows) > 2
     response_ids = ids_of(tokenizer, " " + response)
-    head, marker = ids_of(tokenizer, HEAD), ids_of(tokenizer, MARKER)
+    head, marker = ids_of(tokenizer, SAFE_RLHF.head), ids_of(tokenizer, SAFE_RLHF.marker)
     covered = []
     for window in windows:  # the template, no prompt, a stretch of the response, EOS
         assert len(window) <= 64 and window[-1] == tokenizer.eos_token_id
@@ -252,7 +253,7 @@ def test_a_long_benign_prompt_no_longer_hides_a_severe_response(spotter_moderato
     with_prompt, alone_view = spotter_moderator.model.seen[1:]
     response = ids_of(tokenizer, " " + SEVERE) + [tokenizer.eos_token_id]
     assert len(with_prompt) == 64 and with_prompt[-len(response) :] == response
-    assert tokenizer.decode(alone_view) == HEAD + MARKER + " " + SEVERE + "</s>"
+    assert tokenizer.decode(alone_view) == SAFE_RLHF.head + SAFE_RLHF.marker + " " + SEVERE + "</s>"
     safe = spotter_moderator.moderate([LONG_PROMPT], ["warm up first ."])[0]
     assert not safe.flagged and safe.truncated
 

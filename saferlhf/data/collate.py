@@ -1,13 +1,18 @@
 """The conversation template, tokenization, truncation and padding.
 
-Safe RLHF's template: ``BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:``, then the
-response, then EOS. Every stage formats text here so prompts look the same to every model.
+Two templates (``model.prompt_template``): Safe RLHF's, ``BEGINNING OF CONVERSATION: USER:
+{prompt} ASSISTANT:``, then the response, then EOS; or the tokenizer's own chat template (one
+user turn, the generation prompt, the response, then its end-of-turn token, which
+:func:`saferlhf.models.load_tokenizer` makes the tokenizer's EOS). The tokenizer says which:
+a tokenizer with a chat template uses it (``prompt_template=safe_rlhf`` drops it on load).
+Every stage formats text here so prompts look the same to every model.
 
 A conversation longer than ``max_length`` never loses its response to its prompt. The
-template's fixed parts (the ``BEGINNING OF CONVERSATION: USER:`` head and the ``ASSISTANT:``
-marker) always stay and the prompt gives way first, from its start, so the words next to the
-response stay. What happens to a response that does not fit even alone depends on who reads it
-(:func:`keep_response_end`, :func:`keep_response_start`, :func:`response_windows`).
+template's fixed parts (its head before the prompt and its marker between prompt and
+response, e.g. ``ASSISTANT:``) always stay and the prompt gives way first, from its start, so
+the words next to the response stay. What happens to a response that does not fit even alone
+depends on who reads it (:func:`keep_response_end`, :func:`keep_response_start`,
+:func:`response_windows`).
 """
 
 from __future__ import annotations
@@ -24,19 +29,73 @@ from saferlhf.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-HEAD = "BEGINNING OF CONVERSATION: USER:"
-MARKER = " ASSISTANT:"
-PROMPT_TEMPLATE = HEAD + " {prompt}" + MARKER
-
 T = TypeVar("T")
 
 
-def format_prompt(prompt: str) -> str:
-    return PROMPT_TEMPLATE.format(prompt=prompt)
+@dataclass(frozen=True)
+class Template:
+    """``head + prompt_prefix + prompt + marker`` is the prompt a model answers; its response
+    follows after ``response_prefix``, then EOS."""
+
+    name: str  # safe_rlhf | chat
+    head: str
+    marker: str
+    prompt_prefix: str = ""
+    response_prefix: str = ""
+
+    def prompt(self, prompt: str) -> str:
+        return f"{self.head}{self.prompt_prefix}{prompt}{self.marker}"
+
+    def conversation(self, prompt: str, response: str) -> str:
+        return f"{self.prompt(prompt)}{self.response_prefix}{response}"
 
 
-def format_conversation(prompt: str, response: str) -> str:
-    return f"{format_prompt(prompt)} {response}"
+SAFE_RLHF = Template("safe_rlhf", "BEGINNING OF CONVERSATION: USER:", " ASSISTANT:", " ", " ")
+_PLACEHOLDER = "SAFERLHFPLACEHOLDER"  # one word: chat templates may trim what they are given
+
+
+def template_of(tokenizer: PreTrainedTokenizerBase) -> Template:
+    """The tokenizer's chat template with one user turn and the generation prompt, split
+    around the prompt; Safe RLHF's when the tokenizer has none."""
+    if not tokenizer.chat_template:
+        return SAFE_RLHF
+    user = [{"role": "user", "content": _PLACEHOLDER}]
+    rendered = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    head, found, marker = rendered.partition(_PLACEHOLDER)
+    if not found or _PLACEHOLDER in marker:
+        raise ConfigError(
+            f"tokenizer {tokenizer.name_or_path!r}: its chat template does not show a user "
+            "message once, so model.prompt_template=chat cannot use it"
+        )
+    return Template("chat", head, marker)
+
+
+def end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The special token the chat template closes an assistant turn with (``<|im_end|>``,
+    ``<|eot_id|>``): what a chat model stops at."""
+    turns = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": _PLACEHOLDER},
+    ]
+    rendered = tokenizer.apply_chat_template(turns, tokenize=False)
+    after = rendered.rpartition(_PLACEHOLDER)[2]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    token = tokenizer.convert_ids_to_tokens(ids[0]) if ids else None
+    if token not in tokenizer.all_special_tokens:
+        raise ConfigError(
+            f"tokenizer {tokenizer.name_or_path!r}: its chat template ends an assistant turn "
+            f"with {after!r}, not with a special token, so model.prompt_template=chat cannot "
+            "tell where an answer ends"
+        )
+    return token
+
+
+def format_prompt(prompt: str, template: Template = SAFE_RLHF) -> str:
+    return template.prompt(prompt)
+
+
+def format_conversation(prompt: str, response: str, template: Template = SAFE_RLHF) -> str:
+    return template.conversation(prompt, response)
 
 
 # -- what to keep: token counts in, token counts out -------------------------------------------
@@ -129,9 +188,9 @@ def keep_prompt_end(fixed: int, prompt: int, max_length: int) -> int:
 class Segments:
     """A templated conversation's token ids in its four parts, in order."""
 
-    head: list[int]  # BEGINNING OF CONVERSATION: USER:
+    head: list[int]  # e.g. BEGINNING OF CONVERSATION: USER:
     prompt: list[int]
-    marker: list[int]  # ASSISTANT:
+    marker: list[int]  # e.g. ASSISTANT:
     response: list[int]  # empty for a prompt alone
 
     @property
@@ -145,10 +204,10 @@ class Segments:
         return [*ids, eos_token_id] if window.eos else ids
 
 
-def _part(start: int, stop: int, marker_start: int, marker_stop: int) -> int:
+def _part(start: int, stop: int, head_stop: int, marker_start: int, marker_stop: int) -> int:
     """0 head, 1 prompt, 2 marker, 3 response: the part of a token spanning ``[start, stop)``
     characters. A token that touches the head or the marker belongs to it."""
-    if start < len(HEAD):
+    if start < head_stop:
         return 0
     if stop <= marker_start:
         return 1
@@ -166,17 +225,20 @@ def segment(
             f"tokenizer {tokenizer.name_or_path!r} is a slow (Python) tokenizer: fitting "
             "conversations to max_length needs a fast one's token offsets (a tokenizer.json)"
         )
+    template = template_of(tokenizer)
     if responses is None:
-        texts = [format_prompt(p) for p in prompts]
+        texts = [template.prompt(p) for p in prompts]
     else:
-        texts = [format_conversation(p, r) for p, r in zip(prompts, responses, strict=True)]
+        texts = [template.conversation(p, r) for p, r in zip(prompts, responses, strict=True)]
     encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    head_stop = len(template.head)
     segments = []
     for prompt, ids, offsets in zip(
         prompts, encoded["input_ids"], encoded["offset_mapping"], strict=True
     ):
-        marker_start = len(HEAD) + 1 + len(prompt)
-        parts = [_part(a, b, marker_start, marker_start + len(MARKER)) for a, b in offsets]
+        marker_start = head_stop + len(template.prompt_prefix) + len(prompt)
+        marker_stop = marker_start + len(template.marker)
+        parts = [_part(a, b, head_stop, marker_start, marker_stop) for a, b in offsets]
         # Offsets only grow, so each part is one run of tokens.
         head = parts.count(0)
         prompt_stop = head + parts.count(1)

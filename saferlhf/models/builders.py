@@ -20,6 +20,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from saferlhf.data.collate import template_of
+from saferlhf.models.tokenizer import TEMPLATE_KEY
+
 
 def _arch_config(model_cfg: Any, tokenizer: PreTrainedTokenizerBase, **extra: Any):
     arch = dict(model_cfg.arch)
@@ -40,10 +43,15 @@ def _dtype(model_cfg: Any) -> torch.dtype:
 
 
 def _match_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """Grow the embeddings if the tokenizer gained tokens (a pad token) and record pad."""
+    """Grow the embeddings if the tokenizer gained tokens (a pad token) and record pad and EOS
+    (a chat template's end-of-turn token), so that plain ``generate`` stops where we do."""
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if getattr(model, "generation_config", None) is not None:  # score models have none
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
 
 
@@ -82,9 +90,11 @@ def build_score_model(
 def save_artifact(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path
 ) -> Path:
-    """Write a Hugging Face folder (config, safetensors, tokenizer) that any HF client loads."""
+    """Write a Hugging Face folder (config, safetensors, tokenizer) that any HF client loads;
+    its config.json names the prompt template it was trained with."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    setattr(model.config, TEMPLATE_KEY, template_of(tokenizer).name)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory

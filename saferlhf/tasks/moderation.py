@@ -78,7 +78,7 @@ class ModerationModule(pl.LightningModule):
         self.save_hyperparameters(
             ignore=["model", "taxonomy", "category_pos_weight", "severity_weight"]
         )
-        self.model = model
+        self.model = model.train()  # from_pretrained returns eval mode: dropout would stay off
         self.taxonomy = taxonomy
         # Derived from the train items on every (re)start: not part of the checkpoint.
         self.register_buffer("category_pos_weight", category_pos_weight, persistent=False)

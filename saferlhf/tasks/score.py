@@ -104,7 +104,7 @@ class ScoreModule(pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
-        self.model = model
+        self.model = model.train()  # from_pretrained returns eval mode: dropout would stay off
         self.loss_fn, self.metrics_fn = OBJECTIVES[objective]
         self._val_batches: list[dict[str, torch.Tensor]] = []
 

@@ -49,7 +49,7 @@ class SFTModule(pl.LightningModule):
     def __init__(self, model: PreTrainedModel, lr: float, weight_decay: float, warmup_ratio: float):
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
-        self.model = model
+        self.model = model.train()  # from_pretrained returns eval mode: dropout would stay off
         self._val_nll = self._val_tokens = 0.0
 
     def training_step(self, batch, batch_idx):
