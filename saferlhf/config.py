@@ -320,6 +320,7 @@ class StageConfig:
 @dataclass
 class PipelineTaskConfig(TaskConfig):
     stages: list[StageConfig] = MISSING
+    workers: int = MISSING  # stages run at a time, each in its own process; 1: in order, here
 
 
 @dataclass
@@ -482,6 +483,7 @@ RANGES: dict[str, Interval] = {
     "trainer.log_every_n_steps": AT_LEAST_ONE,
     "*batch_size": AT_LEAST_ONE,  # task.batch_size, eval.batch_size, algo.rollout_batch_size, ...
     "task.max_epochs": AT_LEAST_ONE,
+    "task.workers": AT_LEAST_ONE,
     "task.accumulate_grad_batches": AT_LEAST_ONE,
     "task.checkpoint_every_n_steps": AT_LEAST_ONE,
     "task.checkpoint_every": AT_LEAST_ONE,

@@ -120,3 +120,72 @@ def test_a_cut_off_or_invalid_summary_means_the_stage_did_not_finish(
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
     assert stage_state(_reward_stage(compose_cfg), tmp_path, cfg, reran=set()).resumable
+
+
+# -- stages side by side ------------------------------------------------------------------------
+
+TWO_REPORTS = (
+    'task.stages=[{name:small,overrides:["task=data_report","task.plot=false",'
+    '"data.benchmark.num_train=20"]},{name:large,overrides:["task=data_report",'
+    '"task.plot=false","data.benchmark.num_train=40"]}]'
+)
+
+
+def _pipeline(run_dir, *overrides):
+    return subprocess.run(
+        [
+            sys.executable, "-m", "saferlhf.cli", "logger=none", "data.benchmark.num_test=10",
+            *overrides, f"hydra.run.dir={run_dir}",
+        ],
+        capture_output=True, text=True, cwd=run_dir.parent, timeout=600,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_stages_side_by_side_give_what_they_give_in_order_and_overlap_in_time(tmp_path):
+    in_order = _pipeline(tmp_path / "in_order", TWO_REPORTS, "task.workers=1")
+    side_by_side = _pipeline(tmp_path / "side_by_side", TWO_REPORTS, "task.workers=2")
+    assert in_order.returncode == 0 and side_by_side.returncode == 0, side_by_side.stderr[-3000:]
+    assert (
+        read_summary(tmp_path / "in_order")["metrics"]
+        == read_summary(tmp_path / "side_by_side")["metrics"]
+    )
+    small, large = json.loads((tmp_path / "side_by_side" / "timeline.json").read_text())
+    assert {small["stage"], large["stage"]} == {"small", "large"}
+    assert max(small["start"], large["start"]) < min(small["end"], large["end"])
+    # Each ran in its own process with one torch thread (two workers, two or fewer cores).
+    config = (tmp_path / "side_by_side" / "small" / "config.yaml").read_text()
+    assert "num_threads: 1" in config
+    assert (tmp_path / "side_by_side" / "small" / "stage.log").exists()
+
+
+@pytest.mark.slow
+def test_a_stage_refused_in_its_own_process_stops_the_pipeline_naming_it(tmp_path):
+    stages = (
+        'task.stages=[{name:report,overrides:["task=data_report","task.plot=false"]},'
+        '{name:cost,overrides:["task=cost","preference=single"]}]'
+    )
+    result = _pipeline(tmp_path / "run", stages, "task.workers=2", "data.benchmark.num_train=20")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "saferlhf: error: stage cost: task=cost needs dual-preference data (safer_response_id)"
+        )
+    )
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_stage_before_its_source_is_refused_before_anything_runs(tmp_path):
+    stages = (
+        'task.stages=[{name:reward,overrides:["task=reward"],init:{policy:sft}},'
+        '{name:sft,overrides:["task=sft"]}]'
+    )
+    result = _pipeline(tmp_path / "run", stages)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "saferlhf: error: pipeline stage 'reward' takes artifacts of stage sft, which does not "
+        "come before it in task.stages"
+    )
+    assert not (tmp_path / "run" / "reward").exists()

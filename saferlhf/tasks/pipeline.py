@@ -1,4 +1,5 @@
-"""``saferlhf task=pipeline``: run the stages of ``task.stages`` in order, in one process.
+"""``saferlhf task=pipeline``: run the stages of ``task.stages``, in order in this process
+(``task.workers=1``) or up to ``task.workers`` at a time, each in a process of its own.
 
 Each stage is composed from the same config tree with the user's own overrides, then the
 stage's overrides, then ``init.*`` paths to the artifacts of earlier stages; it runs in
@@ -10,12 +11,24 @@ stage is reused when it finished (its summary.json is valid JSON) under the same
 config (its config.yaml) up to ``REUSE_IGNORES``, and no stage it takes artifacts from reran;
 otherwise it reruns and the log says why, naming the first differing key. With
 ``ckpt_path=last`` an unfinished stage with the same config resumes from its last.ckpt.
+
+With ``task.workers`` > 1 a stage starts as soon as the stages it takes artifacts from have
+finished and a worker is free, earlier stages first; each runs the ``saferlhf`` command in its
+own process with the same overrides, ``num_threads`` set to this run's threads divided among
+the workers (so that two stages never fight over the cores), its output in
+``<stage>/stage.log``. A refused or failed stage stops the others, as SIGTERM does: they save
+their state, and the pipeline's resume command picks them up. ``timeline.json`` in the run dir
+says when each stage ran.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -29,8 +42,8 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from saferlhf.config import config_leaves, validate_config
-from saferlhf.errors import ConfigError
-from saferlhf.run import RunContext, TaskResult, read_summary
+from saferlhf.errors import ConfigError, UserError
+from saferlhf.run import Preempted, RunContext, TaskResult, read_summary
 
 log = logging.getLogger(__name__)
 
@@ -163,42 +176,69 @@ def stage_state(stage, stage_dir: Path, cfg: DictConfig, reran: Collection[str])
     return StageState(why, resumable)
 
 
-def pipeline_task(run: RunContext) -> TaskResult:
-    from saferlhf.cli import run as run_stage  # the same entry every single-task run goes through
+@dataclass
+class PlannedStage:
+    """A stage ready to start: its directory, overrides and composed config, and whether it
+    runs (False: its earlier results are reused)."""
 
+    stage: Any
+    stage_dir: Path
+    overrides: list[str]
+    cfg: DictConfig
+    runs: bool
+
+
+def plan_stage(
+    stage, run: RunContext, user: list[str], artifacts: dict[str, dict[str, str]], reran: set[str]
+) -> PlannedStage:
+    """Compose ``stage`` with the artifacts of the stages before it and decide, from its
+    directory, whether it is reused, resumed (``ckpt_path=last``) or run again."""
+    stage_dir = run.run_dir / stage.name
+    overrides = [*user, *stage_overrides(stage, artifacts)]
+    stage_cfg = compose(config_name="config", overrides=overrides)
+    state = stage_state(stage, stage_dir, stage_cfg, reran)
+    if not state.why:
+        log.info("stage %s already done in %s; reusing it", stage.name, stage_dir)
+        return PlannedStage(stage, stage_dir, overrides, stage_cfg, runs=False)
+    if run.cfg.ckpt_path == "last" and state.resumable:
+        log.info("stage %s: resuming it from its last.ckpt in %s", stage.name, stage_dir)
+        overrides = [*overrides, "ckpt_path=last"]
+        stage_cfg = compose(config_name="config", overrides=overrides)
+    elif stage_dir.exists():
+        log.warning("stage %s: running it again in %s: %s", stage.name, stage_dir, state.why)
+    return PlannedStage(stage, stage_dir, overrides, stage_cfg, runs=True)
+
+
+def sources(stage) -> set[str]:
+    """The stages whose artifacts ``stage`` takes."""
+    return {*stage.init.values(), *stage.policies.values()}
+
+
+def pipeline_task(run: RunContext) -> TaskResult:
     if run.cfg.ckpt_path not in (None, "last"):
         raise ConfigError(
             f"ckpt_path={run.cfg.ckpt_path!r}: a pipeline resumes its stages with ckpt_path=last"
         )
-    console = Console()
+    stages = list(run.cfg.task.stages)
+    for index, stage in enumerate(stages):
+        earlier = {s.name for s in stages[:index]}
+        if missing := sorted(sources(stage) - earlier):
+            raise ConfigError(
+                f"pipeline stage {stage.name!r} takes artifacts of stage {', '.join(missing)}, "
+                "which does not come before it in task.stages"
+            )
     user = _user_overrides()
-    for stage in run.cfg.task.stages:  # refuse a bad value before the first stage trains
+    for stage in stages:  # refuse a bad value before the first stage trains
         validate_config(compose(config_name="config", overrides=[*user, *stage.overrides]))
-    artifacts: dict[str, dict[str, str]] = {}
-    metrics: dict[str, float] = {}
-    reran: set[str] = set()
-    for stage in run.cfg.task.stages:
-        stage_dir = run.run_dir / stage.name
-        console.rule(f"[bold]stage {stage.name}")
-        overrides = [*user, *stage_overrides(stage, artifacts)]
-        stage_cfg = compose(config_name="config", overrides=overrides)
-        state = stage_state(stage, stage_dir, stage_cfg, reran)
-        if not state.why:
-            log.info("stage %s already done in %s; reusing it", stage.name, stage_dir)
-        else:
-            if run.cfg.ckpt_path == "last" and state.resumable:
-                log.info("stage %s: resuming it from its last.ckpt in %s", stage.name, stage_dir)
-                stage_cfg = compose(config_name="config", overrides=[*overrides, "ckpt_path=last"])
-            elif stage_dir.exists():
-                log.warning(
-                    "stage %s: running it again in %s: %s", stage.name, stage_dir, state.why
-                )
-            run_stage(stage_cfg, stage_dir)
-            reran.add(stage.name)
-        summary = read_summary(stage_dir)
-        artifacts[stage.name] = summary["artifacts"]
-        metrics |= {f"{stage.name}/{name}": value for name, value in summary["metrics"].items()}
-
+    finished = FinishedStages()
+    if run.cfg.task.workers == 1:
+        run_in_order(run, stages, user, finished)
+    else:
+        run_concurrently(run, stages, user, finished)
+    (run.run_dir / "timeline.json").write_text(json.dumps(finished.timeline, indent=2) + "\n")
+    plot_timeline(finished.timeline, run.run_dir / "timeline.png")
+    artifacts, metrics = finished.artifacts, finished.metrics
+    console = Console()
     curves = plot_training_curves(artifacts, run.run_dir / "training_curves.png")
     flat_artifacts = {
         f"{stage}/{name}": path
@@ -218,6 +258,185 @@ def pipeline_task(run: RunContext) -> TaskResult:
         console.rule("[bold]results")
         console.print(table.read_text(), markup=False, soft_wrap=True)
     return TaskResult(metrics, flat_artifacts)
+
+
+@dataclass
+class FinishedStages:
+    """What the finished (or reused) stages left: artifacts and metrics by stage, the stages
+    that ran (their dependents cannot be reused), and when each ran."""
+
+    artifacts: dict[str, dict[str, str]]
+    metrics: dict[str, float]
+    reran: set[str]
+    timeline: list[dict[str, Any]]
+
+    def __init__(self) -> None:
+        self.artifacts, self.metrics, self.reran, self.timeline = {}, {}, set(), []
+        self._start = time.monotonic()
+
+    def add(self, planned: PlannedStage, started: float | None = None) -> None:
+        summary = read_summary(planned.stage_dir)
+        name = planned.stage.name
+        self.artifacts[name] = summary["artifacts"]
+        self.metrics |= {f"{name}/{metric}": value for metric, value in summary["metrics"].items()}
+        if planned.runs:
+            self.reran.add(name)
+            now = time.monotonic() - self._start
+            self.timeline.append({"stage": name, "start": started, "end": now})
+        else:
+            self.timeline.append({"stage": name, "reused": True})
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._start
+
+
+def run_in_order(run: RunContext, stages: list, user: list[str], finished: FinishedStages) -> None:
+    from saferlhf.cli import run as run_stage  # the same entry every single-task run goes through
+
+    console = Console()
+    for stage in stages:
+        console.rule(f"[bold]stage {stage.name}")
+        planned = plan_stage(stage, run, user, finished.artifacts, finished.reran)
+        started = finished.elapsed()
+        if planned.runs:
+            run_stage(planned.cfg, planned.stage_dir)
+        finished.add(planned, started)
+
+
+@dataclass
+class RunningStage:
+    planned: PlannedStage
+    process: subprocess.Popen
+    started: float
+
+
+def run_concurrently(
+    run: RunContext, stages: list, user: list[str], finished: FinishedStages
+) -> None:
+    """Up to ``task.workers`` stages at a time, each in its own ``saferlhf`` process."""
+    import torch
+
+    workers = run.cfg.task.workers
+    threads = max(1, torch.get_num_threads() // workers)
+    user = [o for o in user if o.lstrip("+~").split("=")[0] != "num_threads"]
+    user.append(f"num_threads={threads}")
+    log.info("running up to %d stages at a time, %d torch thread(s) each", workers, threads)
+    pending, running = list(stages), {}
+    stopping = _SigtermFlag()
+    try:
+        while pending or running:
+            while len(running) < workers and (stage := _next_ready(pending, finished.artifacts)):
+                pending.remove(stage)
+                planned = plan_stage(stage, run, user, finished.artifacts, finished.reran)
+                if planned.runs:
+                    running[stage.name] = _start(planned, finished.elapsed())
+                else:
+                    finished.add(planned)
+            if not running:
+                continue  # a reused stage made others ready
+            done = _wait_for_one(running, stopping)
+            if done.process.returncode != 0:
+                raise _stage_error(done)
+            log.info(
+                "stage %s finished in %.0f s", done.planned.stage.name,
+                finished.elapsed() - done.started,
+            )  # fmt: skip
+            finished.add(done.planned, done.started)
+    finally:
+        _stop(running.values())
+        stopping.restore()
+
+
+def _next_ready(pending: list, artifacts: Mapping[str, Any]):
+    """The first pending stage whose sources have all finished, or None."""
+    return next((s for s in pending if sources(s) <= artifacts.keys()), None)
+
+
+def _start(planned: PlannedStage, started: float) -> RunningStage:
+    planned.stage_dir.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, "-m", "saferlhf.cli", *planned.overrides,
+        f"hydra.run.dir={planned.stage_dir}",
+    ]  # fmt: skip
+    with (planned.stage_dir / "stage.log").open("w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    log.info(
+        "stage %s started (its output: %s)", planned.stage.name, planned.stage_dir / "stage.log"
+    )
+    return RunningStage(planned, process, started)
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the wait loop reads, so that the running stages are stopped
+    (and save their state) before this process ends."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _wait_for_one(running: dict[str, RunningStage], stopping: _SigtermFlag) -> RunningStage:
+    while True:
+        if stopping.raised:
+            stopped = list(running.values())
+            _stop(stopped)
+            running.clear()
+            checkpoints = [s.planned.stage_dir / "checkpoints" / "last.ckpt" for s in stopped]
+            raise Preempted(next((c for c in checkpoints if c.is_file()), None))
+        for name, stage in running.items():
+            if stage.process.poll() is not None:
+                return running.pop(name)
+        time.sleep(0.2)
+
+
+def _stop(stages) -> None:
+    """SIGTERM every running stage and wait for it: each saves its state first."""
+    for stage in stages:
+        if stage.process.poll() is None:
+            stage.process.send_signal(signal.SIGTERM)
+    for stage in stages:
+        stage.process.wait()
+
+
+def _stage_error(done: RunningStage) -> Exception:
+    """The error of a stage process that failed: its own one-line message when it refused."""
+    name, log_file = done.planned.stage.name, done.planned.stage_dir / "stage.log"
+    lines = log_file.read_text(errors="replace").splitlines()
+    refusal = next((line for line in reversed(lines) if line.startswith("saferlhf: error: ")), None)
+    if refusal is not None:
+        return UserError(f"stage {name}: {refusal.removeprefix('saferlhf: error: ')}")
+    tail = "\n".join(lines[-20:])
+    return RuntimeError(
+        f"stage {name} failed (exit {done.process.returncode}); {log_file} ends:\n{tail}"
+    )
+
+
+def plot_timeline(timeline: list[dict[str, Any]], path: Path) -> Path | None:
+    """One bar per stage that ran, from its start to its end (seconds into the pipeline)."""
+    ran = [entry for entry in timeline if not entry.get("reused")]
+    if not ran:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(ran) + 1))
+    for row, entry in enumerate(ran):
+        ax.barh(row, entry["end"] - entry["start"], left=entry["start"], color=f"C{row}")
+    ax.set_yticks(range(len(ran)), [entry["stage"] for entry in ran])
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since the pipeline started")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 # The learned scores next to their gold counterparts: a gap that opens is reward hacking.
