@@ -295,13 +295,17 @@ def _resume(tmp_path: Path, stopped: subprocess.CompletedProcess) -> subprocess.
 
 
 @pytest.mark.slow
-def test_sigterm_mid_pipeline_stage_resumes_that_stage_with_the_printed_command(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2], ids=["in_order", "side_by_side"])
+def test_sigterm_mid_pipeline_stage_resumes_that_stage_with_the_printed_command(tmp_path, workers):
     stages = (
         'task.stages=[{name:sft,overrides:["task=sft","task.max_epochs=3","task.batch_size=8",'
         '"task.checkpoint_every_n_steps=2"]},'
         '{name:report,overrides:["task=data_report","task.plot=false"]}]'
     )
-    overrides = (stages, "data.benchmark.num_train=200", "data.benchmark.num_test=16")
+    overrides = (
+        stages, "data.benchmark.num_train=200", "data.benchmark.num_test=16",
+        f"task.workers={workers}",
+    )  # fmt: skip
     stopped = _terminate_once_training_checkpointed(tmp_path / "run", overrides, "sft")
     assert stopped.returncode == STOPPED_BY_SIGTERM
     assert f"it resumes from {tmp_path / 'run' / 'sft' / 'checkpoints'}" in error_line(stopped)

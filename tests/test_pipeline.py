@@ -32,6 +32,7 @@ def test_saferlhf_without_a_task_runs_every_stage_and_gathers_the_results(tmp_pa
         "algo.rollout_batch_size=16",
         "algo.minibatch_size=8",
         'task.stages.0.overrides=["task=sft","task.max_epochs=1"]',
+        "task.workers=2",  # side by side, each stage in its own process
         f"hydra.run.dir={tmp_path}",
     ]
     result = subprocess.run(
