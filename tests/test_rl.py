@@ -438,6 +438,8 @@ def test_the_lambda_rule_moves_or_holds_lambda_and_names_the_variant(
         (["algo.warmup_ratio=1.5"], "algo.warmup_ratio"),
         (["algo.score_clip=0"], "algo.score_clip"),
         (["algo.missing_eos_penalty=-1"], "algo.missing_eos_penalty"),
+        (["trainer=deepspeed"], "trainer.strategy=deepspeed_stage_2: PPO runs in one process"),
+        (["trainer=fsdp"], "trainer.strategy=fsdp: PPO runs in one process or under DDP"),
     ],
 )
 def test_ppo_refuses_bad_settings_naming_the_key(compose_cfg, tmp_path, overrides, key):
@@ -695,12 +697,11 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_changes_no_result(
         (["trainer=cpu"], False),
         (["trainer=gpu"], True),
         (["trainer=ddp"], True),
-        (["trainer=fsdp"], False),  # sharded parameters in CUDA graphs: opt in
         (["trainer=cpu", "algo.compile_generation=true"], True),
         (["trainer=gpu", "algo.compile_generation=false"], False),
     ],
 )
-def test_decoding_is_compiled_by_default_on_single_gpu_and_ddp_only(
+def test_decoding_is_compiled_by_default_on_gpus(
     compose_cfg, overrides, compiled
 ):
     cfg = compose_cfg("task=ppo", *overrides)

@@ -6,9 +6,23 @@ from __future__ import annotations
 from saferlhf.errors import ConfigError
 
 
+# What PPO runs under: one process or DDP (Lightning's "auto" picks one of them).
+PPO_STRATEGIES = ("auto", "ddp")
+
+
 def check_ppo_config(cfg) -> None:
     """Fail before anything loads, naming the key, on what validate_config's per-value ranges
-    cannot see: the length of algo.adam_betas, a λ rule the preference has no cost model for."""
+    cannot see: the length of algo.adam_betas, a λ rule the preference has no cost model for,
+    a sharded strategy PPO does not run under."""
+    if cfg.trainer.strategy not in PPO_STRATEGIES:
+        raise ConfigError(
+            f"trainer.strategy={cfg.trainer.strategy}: PPO runs in one process or under DDP "
+            "(trainer=gpu, trainer=ddp). It does not run sharded yet: Lightning's DeepSpeed "
+            "strategy takes one optimizer where PPO-Lagrangian has three (actor, two critics) "
+            "and λ, and PPO's decoding and scoring are not built for FSDP. For memory, use "
+            "algo.lora_rank and algo.gradient_checkpointing (experiments/memory_plan.py "
+            "estimates what fits)"
+        )
     if len(cfg.algo.adam_betas) != 2:
         raise ConfigError(
             f"algo.adam_betas={list(cfg.algo.adam_betas)}: expected two values [β1, β2]"
@@ -21,13 +35,12 @@ def check_ppo_config(cfg) -> None:
 
 
 def decodes_compiled(algo, trainer_cfg) -> bool:
-    """``algo.compile_generation``, or when unset: on CUDA, in one process or under DDP.
-
-    Compiled decoding pays off where kernel launches dominate a decoding step, on GPUs; sharded
-    parameters (fsdp, deepspeed) inside its CUDA graphs are untested, so those opt in."""
+    """``algo.compile_generation``, or when unset: on CUDA (PPO runs in one process or under
+    DDP, never sharded). Compiled decoding pays off where kernel launches dominate a decoding
+    step, on GPUs."""
     if algo.compile_generation is not None:
         return algo.compile_generation
-    return trainer_cfg.accelerator in ("gpu", "cuda") and trainer_cfg.strategy in ("auto", "ddp")
+    return trainer_cfg.accelerator in ("gpu", "cuda")
 
 
 def ppo_variant(cfg) -> str:
