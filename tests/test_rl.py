@@ -701,9 +701,7 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_changes_no_result(
         (["trainer=gpu", "algo.compile_generation=false"], False),
     ],
 )
-def test_decoding_is_compiled_by_default_on_gpus(
-    compose_cfg, overrides, compiled
-):
+def test_decoding_is_compiled_by_default_on_gpus(compose_cfg, overrides, compiled):
     cfg = compose_cfg("task=ppo", *overrides)
     assert decodes_compiled(cfg.algo, cfg.trainer) is compiled
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from saferlhf.errors import ConfigError
 
-
 # What PPO runs under: one process or DDP (Lightning's "auto" picks one of them).
 PPO_STRATEGIES = ("auto", "ddp")
 

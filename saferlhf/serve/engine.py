@@ -13,14 +13,14 @@ import asyncio
 import copy
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from saferlhf.data.collate import encode_prompts, segment
-from saferlhf.moderation.api import Moderator, Verdict, flag, over_threshold
+from saferlhf.moderation.api import Moderator, flag, over_threshold
 from saferlhf.moderation.guard import GuardedAnswer, guarded_generate
 from saferlhf.rl.experience import ended_responses
 from saferlhf.rl.rollout import decode_responses, sample_responses
@@ -144,12 +144,6 @@ class Engine:
         return draws
 
     def _answer(self, prompts: list[str], sampling: Sampling) -> list[Choice]:
-        calls: list[list[_Draw]] = []
-
-        def sample(batch: list[str]) -> list[str]:
-            calls.append(self._sample(batch, sampling))
-            return [draw.text for draw in calls[-1]]
-
         if self.moderator is None:
             return [
                 Choice(
@@ -161,13 +155,12 @@ class Engine:
                 )
                 for d in self._sample(prompts, sampling)
             ]
-        recorder = _RecordingModerator(self.moderator)
         g = self.guard
-        answers = guarded_generate(prompts, sample, recorder, g.max_severity, g.retries, g.refusal)
-        return [
-            _choice(answer, *last_attempt(answers, index, calls, recorder.calls))
-            for index, answer in enumerate(answers)
-        ]
+        answers = guarded_generate(
+            prompts, lambda batch: self._sample(batch, sampling), self.moderator,
+            g.max_severity, g.retries, g.refusal, text=lambda draw: draw.text,
+        )  # fmt: skip
+        return [_choice(answer) for answer in answers]
 
     def moderate(self, texts: Sequence[str]) -> list[dict[str, Any]]:
         """OpenAI moderation results for ``texts``, each judged as a response to an empty
@@ -192,30 +185,10 @@ class Engine:
         ]
 
 
-@dataclass
-class _RecordingModerator:
-    """The guard's moderator, keeping each call's verdicts so that every choice can carry the
-    verdict on its last attempt."""
-
-    moderator: Moderator
-    calls: list[list[Verdict]] = field(default_factory=list)
-
-    def moderate(self, prompts, responses, max_severity: int = 0) -> list[Verdict]:
-        self.calls.append(self.moderator.moderate(prompts, responses, max_severity=max_severity))
-        return self.calls[-1]
-
-
-def last_attempt(
-    answers: Sequence[GuardedAnswer], index: int, draws: list[list[_Draw]], verdicts: list
-) -> tuple[_Draw, Verdict]:
-    """The draw and verdict of answer ``index``'s last attempt. The guard's attempt ``k``
-    samples, in order, every prompt that has had more than ``k`` attempts."""
-    attempt = answers[index].attempts - 1
-    position = sum(1 for a in answers[:index] if a.attempts > attempt)
-    return draws[attempt][position], verdicts[attempt][position]
-
-
-def _choice(answer: GuardedAnswer, draw: _Draw, verdict: Verdict) -> Choice:
+def _choice(answer: GuardedAnswer) -> Choice:
+    """A guarded answer as a choice, with the verdict on its last attempt; the token counts
+    are those of its last draw."""
+    draw, verdict = answer.last_draw, answer.verdict
     refused = answer.status == "refused"
     guard = {
         "status": answer.status,

@@ -82,7 +82,7 @@ def generate_task(run: RunContext) -> TaskResult:
     path = run.run_dir / "generations.jsonl"
     with path.open("w") as f:
         for answer in answers:
-            f.write(json.dumps(answer.__dict__) + "\n")
+            f.write(json.dumps(answer.record()) + "\n")
     statuses = Counter(a.status for a in answers)
     metrics = {f"generate/{status}_rate": n / len(answers) for status, n in statuses.items()}
     metrics["generate/mean_attempts"] = sum(a.attempts for a in answers) / len(answers)
