@@ -22,10 +22,12 @@ format: $(BIN)/.installed
 	$(BIN)/ruff check --fix saferlhf tests experiments
 	$(BIN)/ruff format saferlhf tests experiments
 
-# The whole suite, slow end-to-end tests included (this is what CI runs).
+# The whole suite, slow end-to-end tests included (this is what CI runs), on two pytest workers:
+# every test runs torch on one thread, so two share two cores; each file stays on one worker,
+# so its module fixtures are built once.
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # The quick loop: everything but the tests marked slow.
 test-fast: $(BIN)/.installed
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
