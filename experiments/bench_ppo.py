@@ -14,14 +14,16 @@ frameworks, saferlhf in this process and TRL in a fresh child process:
   T new tokens, the same PPO epochs and minibatch size. Each step is timed between consecutive
   ``on_step_end`` callbacks (the first from ``on_train_begin``): it is TRL's whole step.
 
-Presets: ``tiny`` (``conf/model/tiny.yaml``, float32; the CPU figure) and ``0.5b`` (a randomly
-initialised Llama-shaped model of 0.47B parameters, 32k vocabulary, bf16 weights on both sides;
-``--device cuda``). ``--variants`` adds saferlhf runs with other settings: decoding with or
+Presets: ``tiny`` (``conf/model/tiny.yaml``, float32; the CPU figure), ``0.5b`` and ``1.5b``
+(randomly initialised Llama-shaped models of 0.47B and 1.57B parameters, 32k vocabulary, bf16
+weights on both sides; ``--device cuda``). ``--variants`` adds saferlhf runs with other settings: decoding with or
 without ``torch.compile`` (``compiled``, ``eager``; the default compiles it on CUDA only),
 length-bucketed minibatches (``bucketed``), a LoRA actor (``lora``), gradient
 checkpointing (``checkpointing``); on CUDA the last three by default, while ``--budget-s`` lasts. Each run reports generation
-tokens/s and samples/s; on CUDA also peak GPU memory and the fraction of the step's FLOP limit
-(model FLOPs of the iteration over its time x a measured bf16 matmul peak).
+tokens/s and samples/s, and decoding's fraction of the memory-bandwidth limit (the weight bytes
+one decoding step reads, over a measured copy bandwidth, give the most steps per second, each
+``B`` tokens); on CUDA also peak GPU memory and the fraction of the step's FLOP limit (model
+FLOPs of the iteration over its time x a measured bf16 matmul peak), whole and by phase.
 
 The first W iterations of each run are dropped; the script prints the medians, saferlhf's split
 into generation / scoring / update and the ratio TRL / saferlhf. saferlhf's default run and TRL's
@@ -75,9 +77,16 @@ ARCH_05B = dict(
     tie_word_embeddings=False,
     vocab_size=32000,  # the benchmark tokenizer uses the first ~1k ids; decoding skips the rest
 )
+# The 1.5b preset: 28 x (4 h^2 + 3 h i) + 2 x 32k x h = 1.57B parameters.
+ARCH_15B = ARCH_05B | dict(
+    hidden_size=2048, intermediate_size=5632, num_hidden_layers=28, num_attention_heads=16,
+    num_key_value_heads=16,
+)  # fmt: skip
+ARCHS = {"0.5b": ARCH_05B, "1.5b": ARCH_15B}
 PRESETS = {
     "tiny": dict(batch=64, new_tokens=48, epochs=2, minibatch=32),
     "0.5b": dict(batch=64, new_tokens=128, epochs=2, minibatch=32),
+    "1.5b": dict(batch=64, new_tokens=128, epochs=2, minibatch=16),
 }
 SAFERLHF_VARIANTS = {  # name -> extra overrides
     "default": [],  # on CUDA: compiled decoding (algo.compile_generation=null)
@@ -107,7 +116,7 @@ def compose_cfg(*overrides: str):
 
 def build_artifacts(root: Path, preset: str, device: str) -> dict[str, Path]:
     """Untrained ``policy`` and ``reward`` folders sharing one tokenizer: ``model=tiny`` in
-    float32, or the 0.5b preset in bf16 (initialised on ``device``)."""
+    float32, or a larger preset in bf16 (initialised on ``device``)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from saferlhf.data import views
@@ -133,7 +142,7 @@ def build_artifacts(root: Path, preset: str, device: str) -> dict[str, Path]:
         torch.manual_seed(SEED + 1)
         save_artifact(build_score_model(model_cfg, tokenizer), tokenizer, paths["reward"])
         return paths
-    arch = dict(ARCH_05B)
+    arch = dict(ARCHS[preset])
     config = AutoConfig.for_model(
         arch.pop("model_type"),
         pad_token_id=tokenizer.pad_token_id,
@@ -251,6 +260,28 @@ def ppo_iteration_flops(
     scoring = batch * (2 * (n["policy"] + 2 * n["score"]) * sequence + 3 * attention)
     update = epochs * batch * (6 * (n["policy"] + n["score"]) * sequence + 6 * attention)
     return {"generation": generation, "scoring": scoring, "update": update}
+
+
+def decode_bandwidth_fraction(
+    tokens_per_s: float, batch: int, weight_bytes: float, bandwidth_bytes_per_s: float
+) -> float:
+    """Generated tokens/s over the memory-bandwidth limit: a decoding step reads every weight
+    once for the whole batch, so at most ``bandwidth / weight_bytes`` steps of ``batch`` tokens
+    run per second (KV-cache reads, which the limit leaves out, only lower it)."""
+    return tokens_per_s / (batch * bandwidth_bytes_per_s / weight_bytes)
+
+
+def copy_bandwidth_bytes_per_s(device: str, size_bytes: int = 2**30, repeats: int = 10) -> float:
+    """Measured memory bandwidth: bytes read and written per second by a large tensor copy."""
+    source = torch.empty(size_bytes // 4, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    synchronize(device)
+    return 2 * size_bytes * repeats / (time.perf_counter() - start)
 
 
 def bf16_matmul_peak_tflops(size: int = 8192, repeats: int = 10) -> float:
@@ -485,11 +516,39 @@ def trl_missing(args) -> str | None:
     return None
 
 
+def preset_arch(preset: str) -> dict:
+    """The architecture of ``preset``; for tiny, ``conf/model/tiny.yaml``'s with its tokenizer's
+    vocabulary size."""
+    if preset in ARCHS:
+        return ARCHS[preset]
+    model = compose_cfg("model=tiny").model
+    return dict(model.arch) | {"vocab_size": model.tokenizer.vocab_size}
+
+
+def add_bandwidth(result: dict, args) -> None:
+    """Each run's decoding as a fraction of the memory-bandwidth limit."""
+    if "bandwidth_gb_per_s" not in result:
+        return
+    arch = preset_arch(args.preset)
+    parameters = matmul_parameters(
+        arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"],
+        arch["vocab_size"],
+    )["policy"]  # fmt: skip
+    weight_bytes = parameters * (4 if args.preset == "tiny" else 2)  # float32 or bf16
+    result["decode_weight_bytes"] = weight_bytes
+    for run in result["saferlhf"].values():
+        if "generation_tokens_per_s" in run:
+            run["decode_bandwidth_fraction"] = decode_bandwidth_fraction(
+                run["generation_tokens_per_s"], args.batch, weight_bytes,
+                result["bandwidth_gb_per_s"] * 1e9,
+            )  # fmt: skip
+
+
 def add_flops(result: dict, args) -> None:
     """Model FLOPs of each run's iteration and their fraction of the measured peak."""
-    if args.preset != "0.5b" or "peak_bf16_tflops" not in result:
+    if args.preset not in ARCHS or "peak_bf16_tflops" not in result:
         return
-    arch = ARCH_05B
+    arch = ARCHS[args.preset]
     base = result["saferlhf"]["default"]
     flops = ppo_iteration_flops(
         arch["hidden_size"],
@@ -547,6 +606,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     args.preset = args.preset or ("0.5b" if args.device == "cuda" else "tiny")
+    if args.preset != "tiny" and args.device == "cpu":
+        parser.error(f"--preset {args.preset} is for --device cuda (bf16 weights)")
     args.pairs = args.pairs or (1 if args.device == "cuda" else 3)
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
@@ -577,7 +638,7 @@ def main() -> None:
             "pairs": args.pairs,
             "model": "conf/model/tiny.yaml (untrained), float32"
             if args.preset == "tiny"
-            else f"untrained Llama {ARCH_05B}, bf16 weights",
+            else f"untrained Llama {ARCHS[args.preset]}, bf16 weights",
             "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
             "torch_threads": torch.get_num_threads(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
@@ -590,10 +651,13 @@ def main() -> None:
 
     def save() -> None:
         add_flops(result, args)
+        add_bandwidth(result, args)
         result["wall_s"] = time.perf_counter() - started
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=1) + "\n")
 
+    result["bandwidth_gb_per_s"] = copy_bandwidth_bytes_per_s(args.device) / 1e9
+    print(f"measured copy bandwidth: {result['bandwidth_gb_per_s']:.0f} GB/s", flush=True)
     if args.device == "cuda":
         result["peak_bf16_tflops"] = bf16_matmul_peak_tflops()
         print(f"measured bf16 matmul peak: {result['peak_bf16_tflops']:.0f} TFLOP/s", flush=True)
@@ -698,6 +762,8 @@ def report(result: dict) -> None:
             if "flop_limit_fraction" in s
             else ""
         )
+        if "decode_bandwidth_fraction" in s:
+            flop += f", decoding at {s['decode_bandwidth_fraction']:.1%} of the bandwidth limit"
         print(
             f"saferlhf [{variant}]  {s['median_iteration_s']:.3f} s/iteration"
             f" (generation {split['generation']:.3f} + scoring {split['scoring']:.3f}"

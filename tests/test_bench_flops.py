@@ -49,3 +49,18 @@ def test_matmul_parameters_and_attention_match_a_counted_forward(bench):
     causal_attention = 2 * hidden * tokens**2 * layers
     # Eager attention multiplies the full S x S scores, masked after: twice the causal FLOPs.
     assert counter.get_total_flops() == 2 * params["policy"] * tokens + 2 * causal_attention
+
+
+def test_decode_bandwidth_fraction_by_hand(bench):
+    # 1 GB of weights at 100 GB/s: at most 100 steps/s, 6,400 tokens/s at batch 64.
+    assert bench.decode_bandwidth_fraction(3200.0, 64, 1e9, 100e9) == pytest.approx(0.5)
+
+
+def test_the_presets_have_the_parameter_counts_their_names_say(bench):
+    for name, billions in (("0.5b", 0.47), ("1.5b", 1.57)):
+        arch = bench.ARCHS[name]
+        blocks = bench.matmul_parameters(
+            arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"], 0
+        )["policy"]
+        total = blocks + 2 * arch["vocab_size"] * arch["hidden_size"]  # embedding and LM head
+        assert total / 1e9 == pytest.approx(billions, abs=0.005)
