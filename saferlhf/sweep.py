@@ -34,15 +34,18 @@ class Job:
 
 
 def read_jobs(sweep_dir: Path) -> list[Job]:
-    """The jobs of the sweep in ``sweep_dir`` (run dirs named ``<job number>[_<overrides>]``)."""
+    """The jobs of the sweep in ``sweep_dir`` (run dirs named ``<job number>[_<overrides>]``;
+    other folders are not jobs)."""
     jobs = []
     for overrides_file in sweep_dir.glob("*/.hydra/overrides.yaml"):
         run_dir = overrides_file.parent.parent
-        number = int(run_dir.name.partition("_")[0])
+        number = run_dir.name.partition("_")[0]
+        if not number.isdigit():
+            continue
         overrides = dict(o.partition("=")[::2] for o in yaml.safe_load(overrides_file.read_text()))
         summary_file = run_dir / "summary.json"
         summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
-        jobs.append(Job(number, run_dir, overrides, summary))
+        jobs.append(Job(int(number), run_dir, overrides, summary))
     return sorted(jobs, key=lambda job: job.number)
 
 

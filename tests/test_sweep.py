@@ -148,3 +148,22 @@ def test_optuna_searches_the_lagrange_settings_and_reports_every_trial(tmp_path)
     best = rows[0]
     assert study.best_value == float(best["objective"])
     assert f"best trial: job {best['job']} (" in result.stdout
+
+
+def test_the_jobs_of_a_sweep_are_read_from_its_run_dirs(tmp_path):
+    from saferlhf.sweep import read_jobs
+
+    for name, overrides, summary in (
+        ("1", ["seed=1"], None),  # refused: no summary.json
+        ("0_seed=0", ["seed=0"], {"task": "sft", "metrics": {}, "artifacts": {}}),
+        ("notes", ["seed=9"], None),  # not a job of the sweep
+    ):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / ".hydra" / "overrides.yaml").write_text(json.dumps(overrides))
+        if summary is not None:
+            (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+    jobs = read_jobs(tmp_path)
+    assert [(j.number, j.overrides, j.summary is None) for j in jobs] == [
+        (0, {"seed": "0"}, False),
+        (1, {"seed": "1"}, True),
+    ]
