@@ -567,6 +567,10 @@ def generation_budgets(cfg: dict[str, Any]) -> Iterator[tuple[str, int]]:
         yield "eval.sampling.max_new_tokens", cfg["eval"]["sampling"]["max_new_tokens"]
 
 
+# What PPO runs under: one process or DDP (Lightning's "auto" picks one of them).
+PPO_STRATEGIES = ("auto", "ddp")
+
+
 def combination_error(cfg: dict[str, Any]) -> str | None:
     """Why values that are each in range cannot go together, naming both keys, or None."""
     max_length = cfg["model"]["max_length"]
@@ -576,6 +580,15 @@ def combination_error(cfg: dict[str, Any]) -> str | None:
                 f"model.max_length={max_length}: expected a value > {key}={max_new_tokens}, "
                 "so that a prompt has room before the generated tokens"
             )
+    if cfg["task"]["name"] == "ppo" and cfg["trainer"]["strategy"] not in PPO_STRATEGIES:
+        return (
+            f"trainer.strategy={cfg['trainer']['strategy']}: PPO runs in one process or under "
+            "DDP (trainer=gpu, trainer=ddp). It does not run sharded yet: Lightning's DeepSpeed "
+            "strategy takes one optimizer where PPO-Lagrangian has three (actor, two critics) "
+            "and λ, and PPO's decoding and scoring are not built for FSDP. For memory, use "
+            "algo.lora_rank and algo.gradient_checkpointing (experiments/memory_plan.py "
+            "estimates what fits)"
+        )
     objective = cfg["objective"]
     if objective["constraint"] is not None and objective["at_most"] is None:
         return (

@@ -5,23 +5,10 @@ from __future__ import annotations
 
 from saferlhf.errors import ConfigError
 
-# What PPO runs under: one process or DDP (Lightning's "auto" picks one of them).
-PPO_STRATEGIES = ("auto", "ddp")
-
 
 def check_ppo_config(cfg) -> None:
     """Fail before anything loads, naming the key, on what validate_config's per-value ranges
-    cannot see: the length of algo.adam_betas, a λ rule the preference has no cost model for,
-    a sharded strategy PPO does not run under."""
-    if cfg.trainer.strategy not in PPO_STRATEGIES:
-        raise ConfigError(
-            f"trainer.strategy={cfg.trainer.strategy}: PPO runs in one process or under DDP "
-            "(trainer=gpu, trainer=ddp). It does not run sharded yet: Lightning's DeepSpeed "
-            "strategy takes one optimizer where PPO-Lagrangian has three (actor, two critics) "
-            "and λ, and PPO's decoding and scoring are not built for FSDP. For memory, use "
-            "algo.lora_rank and algo.gradient_checkpointing (experiments/memory_plan.py "
-            "estimates what fits)"
-        )
+    cannot see: the length of algo.adam_betas, a λ rule the preference has no cost model for."""
     if len(cfg.algo.adam_betas) != 2:
         raise ConfigError(
             f"algo.adam_betas={list(cfg.algo.adam_betas)}: expected two values [β1, β2]"
