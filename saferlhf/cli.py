@@ -33,14 +33,13 @@ from omegaconf import DictConfig
 from saferlhf import CONF_DIR
 from saferlhf.config import register_configs, validate_config
 from saferlhf.errors import UserError
-from saferlhf.objective import constrained_objective
+from saferlhf.objective import run_objective
 from saferlhf.run import (
     Preempted,
     RunContext,
     build_logger,
     close_logger,
     job_name,
-    read_summary,
     write_config,
     write_run_files,
 )
@@ -92,11 +91,8 @@ def run(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> d
         raise Preempted(sigterm.checkpoint) from None
     finally:
         close_logger(logger, status)
-    objective = cfg.objective
-    if objective.metric is not None:  # checked before summary.json marks the run finished
-        result.objective = constrained_objective(
-            result.metrics, objective.metric, objective.constraint, objective.at_most or 0.0
-        )
+    # Checked before summary.json marks the run finished.
+    result.objective = run_objective(cfg.objective, result.metrics)
     if rank_zero_only.rank == 0:  # under DDP every rank runs the task; one writes the summary
         summary = write_run_files(cfg, run_dir, result)
         log.info("summary: %s", summary)
@@ -130,8 +126,8 @@ def _run_job(cfg: DictConfig) -> float | None:
     run_dir = hydra_cfg.runtime.output_dir
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        run(cfg, Path(run_dir))
-        return read_summary(run_dir).get("objective")
+        # From the metrics, not summary.json: under DDP only rank 0 writes that.
+        return run_objective(cfg.objective, run(cfg, Path(run_dir)))
     except UserError as error:
         if not multirun:
             report(str(error))

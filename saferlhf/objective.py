@@ -12,8 +12,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 from saferlhf.errors import ConfigError, UserError
+
+
+def run_objective(objective: Any, metrics: Mapping[str, float]) -> float | None:
+    """The objective that ``objective`` (the run's ``objective.*``) asks of a run's metrics;
+    None when it names no metric."""
+    if objective.metric is None:
+        return None
+    return constrained_objective(
+        metrics, objective.metric, objective.constraint, objective.at_most or 0.0
+    )
 
 
 def constrained_objective(

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -265,14 +265,11 @@ class FinishedStages:
     """What the finished (or reused) stages left: artifacts and metrics by stage, the stages
     that ran (their dependents cannot be reused), and when each ran."""
 
-    artifacts: dict[str, dict[str, str]]
-    metrics: dict[str, float]
-    reran: set[str]
-    timeline: list[dict[str, Any]]
-
-    def __init__(self) -> None:
-        self.artifacts, self.metrics, self.reran, self.timeline = {}, {}, set(), []
-        self._start = time.monotonic()
+    artifacts: dict[str, dict[str, str]] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    reran: set[str] = field(default_factory=set)
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    _start: float = field(default_factory=time.monotonic, repr=False)
 
     def add(self, planned: PlannedStage, started: float | None = None) -> None:
         summary = read_summary(planned.stage_dir)
@@ -281,8 +278,7 @@ class FinishedStages:
         self.metrics |= {f"{name}/{metric}": value for metric, value in summary["metrics"].items()}
         if planned.runs:
             self.reran.add(name)
-            now = time.monotonic() - self._start
-            self.timeline.append({"stage": name, "start": started, "end": now})
+            self.timeline.append({"stage": name, "start": started, "end": self.elapsed()})
         else:
             self.timeline.append({"stage": name, "reused": True})
 
