@@ -133,17 +133,24 @@ def qa_items(rows: Rows) -> list[QAItem]:
     return items
 
 
+def _distinct(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``(prompt, response)`` pairs without repeats (by :func:`qa_key`), in first-seen order."""
+    seen: dict[str, tuple[str, str]] = {}
+    for prompt, response in pairs:
+        seen.setdefault(qa_key(prompt, response), (prompt, response))
+    return list(seen.values())
+
+
 def conversations(rows: Rows) -> list[tuple[str, str]]:
     """The distinct (prompt, response) pairs of any row kind (QA, dual or single preference), in
     first-seen order: what a language-modelling loss such as PPO's ptx learns from."""
-    seen: dict[str, tuple[str, str]] = {}
-    for row in rows:
-        responses = (
+    return _distinct(
+        (row["prompt"], response)
+        for row in rows
+        for response in (
             [row["response"]] if "response" in row else [row["response_0"], row["response_1"]]
         )
-        for response in responses:
-            seen.setdefault(qa_key(row["prompt"], response), (row["prompt"], response))
-    return list(seen.values())
+    )
 
 
 def preferred_conversations(rows: Rows) -> list[tuple[str, str]]:
@@ -151,14 +158,12 @@ def preferred_conversations(rows: Rows) -> list[tuple[str, str]]:
     order: of each row the better response (``better_response_id``), and of a dual row only if
     it is also safe, so that a row whose more helpful answer is harmful gives none. What PPO's
     ptx learns from with ``algo.ptx_data=preferred``."""
-    seen: dict[str, tuple[str, str]] = {}
-    for row in rows:
-        better = row["better_response_id"]
-        if not row.get(f"is_response_{better}_safe", True):  # single rows carry no safety
-            continue
-        response = row[f"response_{better}"]
-        seen.setdefault(qa_key(row["prompt"], response), (row["prompt"], response))
-    return list(seen.values())
+    return _distinct(
+        (row["prompt"], row[f"response_{row['better_response_id']}"])
+        for row in rows
+        # single rows carry no safety labels
+        if row.get(f"is_response_{row['better_response_id']}_safe", True)
+    )
 
 
 def prompts(rows: Rows) -> list[str]:
