@@ -108,7 +108,8 @@ class ModelConfig:
 class TrainerConfig:
     accelerator: str = MISSING
     devices: Any = MISSING
-    strategy: str = "auto"
+    strategy: str = "auto"  # auto | ddp | fsdp (FSDP2, every model sharded per layer) | deepspeed_*
+    offload_frozen: bool = False  # fsdp: keep the frozen models' shards in CPU memory
     precision: str = "32-true"
     num_nodes: int = 1
     deterministic: bool = False
@@ -567,8 +568,8 @@ def generation_budgets(cfg: dict[str, Any]) -> Iterator[tuple[str, int]]:
         yield "eval.sampling.max_new_tokens", cfg["eval"]["sampling"]["max_new_tokens"]
 
 
-# What PPO runs under: one process or DDP (Lightning's "auto" picks one of them).
-PPO_STRATEGIES = ("auto", "ddp")
+# What PPO runs under: one process or DDP (Lightning's "auto" picks one of them), or FSDP2.
+PPO_STRATEGIES = ("auto", "ddp", "fsdp")
 
 
 def combination_error(cfg: dict[str, Any]) -> str | None:
@@ -580,15 +581,27 @@ def combination_error(cfg: dict[str, Any]) -> str | None:
                 f"model.max_length={max_length}: expected a value > {key}={max_new_tokens}, "
                 "so that a prompt has room before the generated tokens"
             )
-    if cfg["task"]["name"] == "ppo" and cfg["trainer"]["strategy"] not in PPO_STRATEGIES:
+    strategy = cfg["trainer"]["strategy"]
+    if cfg["task"]["name"] == "ppo" and strategy not in PPO_STRATEGIES:
         return (
-            f"trainer.strategy={cfg['trainer']['strategy']}: PPO runs in one process or under "
-            "DDP (trainer=gpu, trainer=ddp). It does not run sharded yet: Lightning's DeepSpeed "
-            "strategy takes one optimizer where PPO-Lagrangian has three (actor, two critics) "
-            "and λ, and PPO's decoding and scoring are not built for FSDP. For memory, use "
-            "algo.lora_rank and algo.gradient_checkpointing (experiments/memory_plan.py "
-            "estimates what fits)"
+            f"trainer.strategy={strategy}: PPO runs in one process, under DDP or sharded under "
+            "FSDP2 (trainer=gpu, trainer=ddp, trainer=fsdp). Lightning's DeepSpeed strategy "
+            "takes one optimizer where PPO-Lagrangian has three (actor, two critics) and λ: "
+            "use trainer=fsdp for ZeRO-3-style sharding (experiments/memory_plan.py estimates "
+            "what fits)"
         )
+    if cfg["task"]["name"] == "ppo" and strategy == "fsdp":
+        algo = cfg["algo"]
+        if algo["lora_rank"] > 0:
+            return (
+                f"algo.lora_rank={algo['lora_rank']}: LoRA does not run under "
+                "trainer.strategy=fsdp yet; set algo.lora_rank=0 or use trainer=ddp"
+            )
+        if algo["compile_generation"]:
+            return (
+                "algo.compile_generation=true: compiled decoding does not run under "
+                "trainer.strategy=fsdp (its gathered weights change between iterations)"
+            )
     objective = cfg["objective"]
     if objective["constraint"] is not None and objective["at_most"] is None:
         return (

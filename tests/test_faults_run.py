@@ -99,7 +99,7 @@ def test_a_bad_value_is_refused_in_one_line_before_anything_loads(tmp_path, over
         (["task=data_report", "data=local", "data.path=/no/such/dir"], "data.path="),
         # A stage's own override is refused before the first stage trains.
         (['task.stages.0.overrides=["task=sft","task.max_epochs=0"]'], "task.max_epochs=0"),
-        (["trainer=fsdp"], "trainer.strategy=fsdp: PPO runs in one process or under DDP"),
+        (["trainer=deepspeed"], "trainer.strategy=deepspeed_stage_2: PPO runs in one process"),
     ],
 )
 def test_a_missing_input_or_a_bad_stage_value_is_refused_in_one_line(tmp_path, overrides, message):
@@ -128,7 +128,7 @@ def test_a_missing_input_or_a_bad_stage_value_is_refused_in_one_line(tmp_path, o
         ),
         (
             ["task=ppo", "trainer=deepspeed"],
-            "trainer.strategy=deepspeed_stage_2: PPO runs in one process or under DDP",
+            "trainer.strategy=deepspeed_stage_2: PPO runs in one process, under DDP or sharded",
         ),
         (
             # A password in the judge's URL is refused before config.yaml could record it.

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from saferlhf.data.collate import pad_sequences, tokenize_conversations
 from saferlhf.errors import ConfigError
+from saferlhf.models.sharding import inference_context
 from saferlhf.moderation.api import unicode_problem
 from saferlhf.rl.rollout import (
     Rollout,
@@ -282,7 +283,6 @@ class ScoreModel:
     tokenizer: PreTrainedTokenizerBase
     max_length: int
 
-    @torch.inference_mode()
     def score(
         self,
         rollout: Rollout,
@@ -293,20 +293,23 @@ class ScoreModel:
         """Scores ``(B,)`` of a batch. With the policy's tokenizer, of the rollout itself (as
         PPO scores it); with another tokenizer its ids would mean other text, so the decoded
         conversations are tokenized afresh (ending in EOS, like the score model's training)."""
-        if shares_tokenizer:
-            return sequence_scores(self.model, rollout)
-        sequences = tokenize_conversations(self.tokenizer, prompts, responses, self.max_length)
-        input_ids, attention_mask = pad_sequences(sequences, self.tokenizer.pad_token_id, "left")
-        device = self.model.device
-        return (
-            self.model(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                position_ids=positions_from_mask(attention_mask).to(device),
+        with inference_context(self.model):
+            if shares_tokenizer:
+                return sequence_scores(self.model, rollout)
+            sequences = tokenize_conversations(self.tokenizer, prompts, responses, self.max_length)
+            input_ids, attention_mask = pad_sequences(
+                sequences, self.tokenizer.pad_token_id, "left"
             )
-            .logits.squeeze(-1)
-            .float()
-        )
+            device = self.model.device
+            return (
+                self.model(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    position_ids=positions_from_mask(attention_mask).to(device),
+                )
+                .logits.squeeze(-1)
+                .float()
+            )
 
 
 @dataclass
@@ -345,7 +348,7 @@ def sample_and_score(
         if seeded:
             torch.manual_seed(seed)
         samples = PolicySamples(scores={m.key: [] for m in score_models})
-        with torch.inference_mode():
+        with inference_context(policy, *(m.model for m in score_models)):
             for start in progress(range(0, len(prompts), batch_size)):
                 stop = start + batch_size
                 rollout = sample_responses(policy, tokenizer, prompt_ids[start:stop], **sampling)

@@ -21,12 +21,11 @@ def check_ppo_config(cfg) -> None:
 
 
 def decodes_compiled(algo, trainer_cfg) -> bool:
-    """``algo.compile_generation``, or when unset: on CUDA (PPO runs in one process or under
-    DDP, never sharded). Compiled decoding pays off where kernel launches dominate a decoding
-    step, on GPUs."""
+    """``algo.compile_generation``, or when unset: on CUDA when not sharded. Compiled decoding
+    pays off where kernel launches dominate a decoding step, on GPUs."""
     if algo.compile_generation is not None:
         return algo.compile_generation
-    return trainer_cfg.accelerator in ("gpu", "cuda")
+    return trainer_cfg.accelerator in ("gpu", "cuda") and trainer_cfg.strategy != "fsdp"
 
 
 def ppo_variant(cfg) -> str:

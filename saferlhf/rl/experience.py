@@ -17,6 +17,7 @@ from saferlhf.losses import (
     shaped_costs,
     shaped_rewards,
 )
+from saferlhf.models.sharding import inference_context
 from saferlhf.rl.rollout import Rollout, response_log_probs, sequence_scores, token_values
 
 
@@ -62,7 +63,7 @@ def score_rollout(
 ) -> Scores:
     """Reference log-probs, reward and cost, and both critics' values under inference mode;
     without a ``reference`` the actor is a LoRA model whose base is the reference."""
-    with torch.inference_mode():
+    with inference_context(actor, reference, reward_model, reward_critic, cost_model, cost_critic):
         if reference is not None:
             ref_logprobs = response_log_probs(reference, rollout)
         else:

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
 from saferlhf.data.collate import pad_sequences
 from saferlhf.losses import selective_log_softmax
+from saferlhf.models.sharding import gathered_for_decoding, inference_context
 
 
 @dataclass
@@ -160,7 +161,7 @@ def sample_responses(
     was_training = actor.training
     actor.eval()
     try:
-        with torch.inference_mode():  # cheaper than no_grad per op, which adds up when decoding
+        with inference_context(actor), gathered_for_decoding(actor):
             rollout = _decode(
                 actor,
                 tokenizer,

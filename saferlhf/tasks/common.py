@@ -14,13 +14,15 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from saferlhf.data import benchmark
 from saferlhf.data.collate import format_conversation
 from saferlhf.errors import ConfigError, UserError
-from saferlhf.models import build_tokenizer
+from saferlhf.models import build_tokenizer, save_artifact
+from saferlhf.models.sharding import ShardedDataParallel, local_part, unsharded_copy
 from saferlhf.run import RunContext
 
 
@@ -85,20 +87,33 @@ def gold_scores(
 
 def resolve_ckpt_path(cfg: DictConfig, run_dir: Path) -> str | None:
     """``ckpt_path=last`` means this run dir's ``checkpoints/last.ckpt`` (rerun with the same
-    ``hydra.run.dir`` to resume); any other value is a checkpoint file."""
+    ``hydra.run.dir`` to resume); any other value is a checkpoint file (a folder under
+    ``trainer=fsdp``, one file per rank)."""
     if cfg.ckpt_path is None:
         return None
     path = run_dir / "checkpoints" / "last.ckpt" if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigPathError(f"ckpt_path={cfg.ckpt_path!r}: no checkpoint at {path}")
     return str(path)
 
 
+def trainer_arguments(trainer_cfg: DictConfig, *, networks_apart: bool = False) -> dict[str, Any]:
+    """``cfg.trainer`` as ``pl.Trainer`` keyword arguments. ``strategy=fsdp`` is FSDP2
+    (:class:`ShardedDataParallel`, with ``trainer.offload_frozen``); ``networks_apart`` says
+    each network has its own backward pass (PPO), which leaves the others unused under DDP."""
+    arguments = OmegaConf.to_container(trainer_cfg, resolve=True)
+    offload_frozen = arguments.pop("offload_frozen")
+    if arguments["strategy"] == "fsdp":
+        arguments["strategy"] = ShardedDataParallel(offload_frozen=offload_frozen)
+    elif arguments["strategy"] == "ddp" and networks_apart:
+        arguments["strategy"] = DDPStrategy(find_unused_parameters=True)
+    return arguments
+
+
 def build_trainer(run: RunContext, task_cfg: DictConfig, callbacks: list[Callback]) -> pl.Trainer:
     """A Trainer from ``cfg.trainer`` (hardware) and the task's schedule and clipping."""
-    trainer_cfg = OmegaConf.to_container(run.cfg.trainer, resolve=True)
     return pl.Trainer(
-        **trainer_cfg,
+        **trainer_arguments(run.cfg.trainer),
         max_epochs=task_cfg.max_epochs,
         gradient_clip_val=task_cfg.grad_clip,
         accumulate_grad_batches=task_cfg.accumulate_grad_batches,
@@ -133,7 +148,10 @@ def first_non_finite_parameter(modules: Iterable[nn.Module | None]) -> str | Non
     ]
     if not named:
         return None
-    sums = torch.stack([parameter.detach().sum(dtype=torch.float32) for _, parameter in named])
+    # A sharded parameter's local shard: the caller's all-rank decision covers the others.
+    sums = torch.stack(
+        [local_part(parameter.detach()).sum(dtype=torch.float32) for _, parameter in named]
+    )
     finite = sums.isfinite()
     if finite.all():
         return None
@@ -203,7 +221,7 @@ class CheckpointOnSigterm(Callback):
         """The checkpoint that resumes this fit after a SIGTERM, None when there is none."""
         if self.saved:
             return self.path
-        if self.path.is_file() and (
+        if self.path.exists() and (
             self.path.stat().st_mtime >= self.fit_started or self.resumed_from == str(self.path)
         ):
             return self.path
@@ -290,3 +308,18 @@ def adamw_with_schedule(
         optimizer, lambda step: cosine_with_warmup(step, warmup, total)
     )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def export_artifact(
+    trainer: pl.Trainer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    directory: Path,
+) -> PreTrainedModel | None:
+    """Write ``model`` as a plain Hugging Face folder from rank 0 and return the plain model
+    written there (None on other ranks); a sharded model's full state is gathered once, from
+    every rank, so every rank must call this."""
+    plain = unsharded_copy(model, trainer.is_global_zero)
+    if trainer.is_global_zero:
+        save_artifact(plain, tokenizer, directory)
+    return plain

@@ -50,10 +50,12 @@ from saferlhf.errors import ConfigError
 from saferlhf.evaluate.gold import fixed_eval_prompts, gold_metrics
 from saferlhf.evaluate.policy import sample_and_score
 from saferlhf.losses import dpo_loss, sequence_log_probs
-from saferlhf.models import load_tokenizer, save_artifact
+from saferlhf.models import load_tokenizer
+from saferlhf.models.sharding import is_sharded, shard_for_strategy, unsharded_copy
 from saferlhf.run import RunContext, TaskResult
 from saferlhf.tasks.common import (
     adamw_with_schedule,
+    export_artifact,
     fit_and_validate_best,
     gather_across_ranks,
     required_artifact,
@@ -165,6 +167,9 @@ class DPOModule(pl.LightningModule):
         self.reference = reference.requires_grad_(False).eval()
         self._val_batches: list[dict[str, torch.Tensor]] = []
 
+    def configure_model(self) -> None:
+        shard_for_strategy(self, [self.policy], [self.reference])
+
     def train(self, mode: bool = True) -> DPOModule:
         super().train(mode)
         self.reference.eval()  # frozen: never in training mode (dropout), whatever the loop asks
@@ -216,13 +221,18 @@ class DPOModule(pl.LightningModule):
             sync_dist=True,
         )
 
-    # The reference never changes and is reloaded from init.policy: keep it out of checkpoints.
+    # The reference never changes and is reloaded from init.policy: keep it out of checkpoints,
+    # but for sharded ones, which load in place and need every key the module has.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if is_sharded(self.reference):
+            return
         state = checkpoint["state_dict"]
         for name in [k for k in state if k.startswith("reference.")]:
             del state[name]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if is_sharded(self.reference):
+            return
         checkpoint["state_dict"].update(
             {f"reference.{k}": v for k, v in self.reference.state_dict().items()}
         )
@@ -292,14 +302,14 @@ def dpo_task(run: RunContext) -> TaskResult:
     metrics = fit.metrics
 
     artifact = Path(run.run_dir) / "artifacts" / "policy"
-    if fit.trainer.is_global_zero:
-        save_artifact(module.policy, tokenizer, artifact)
-        if cfg.data.source == "benchmark":
-            test_prompts = views.prompts(loaded.splits["test"])
-            prompts = fixed_eval_prompts(test_prompts, cfg.eval.num_prompts, cfg.eval.seed)
-            device = fit.trainer.strategy.root_device
-            for stage, model in (("initial", module.reference), ("final", module.policy)):
-                gold = fixed_prompt_gold(model.to(device), tokenizer, prompts, max_length, cfg.eval)
-                metrics |= {f"{stage}/gold/{name}": value for name, value in gold.items()}
-            run.log_metrics({k: v for k, v in metrics.items() if "/gold/" in k})
+    policy = export_artifact(fit.trainer, module.policy, tokenizer, artifact)
+    reference = unsharded_copy(module.reference, fit.trainer.is_global_zero)
+    if fit.trainer.is_global_zero and cfg.data.source == "benchmark":
+        test_prompts = views.prompts(loaded.splits["test"])
+        prompts = fixed_eval_prompts(test_prompts, cfg.eval.num_prompts, cfg.eval.seed)
+        device = fit.trainer.strategy.root_device
+        for stage, model in (("initial", reference), ("final", policy)):
+            gold = fixed_prompt_gold(model.to(device), tokenizer, prompts, max_length, cfg.eval)
+            metrics |= {f"{stage}/gold/{name}": value for name, value in gold.items()}
+        run.log_metrics({k: v for k, v in metrics.items() if "/gold/" in k})
     return TaskResult(metrics, {"policy": str(artifact), "checkpoint": fit.best_checkpoint})

@@ -42,6 +42,7 @@ from saferlhf.evaluate.moderation_metrics import (
 )
 from saferlhf.losses import moderation_loss
 from saferlhf.models import build_score_model
+from saferlhf.models.sharding import shard_for_strategy, unsharded_copy
 from saferlhf.moderation.api import export_moderator, label_outputs, split_logits
 from saferlhf.run import RunContext, TaskResult
 from saferlhf.tasks.common import (
@@ -90,6 +91,9 @@ class ModerationModule(pl.LightningModule):
         )
         self._batches: list[dict[str, torch.Tensor]] = []
         self.outputs: dict[str, torch.Tensor] = {}
+
+    def configure_model(self) -> None:
+        shard_for_strategy(self, [self.model])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         output = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -239,10 +243,9 @@ def moderation_task(run: RunContext) -> TaskResult:
     run_dir = Path(run.run_dir)
     artifact = run_dir / "artifacts" / "moderation"
     artifacts = {"moderation": str(artifact), "checkpoint": fit.best_checkpoint}
+    model = unsharded_copy(module.model, fit.trainer.is_global_zero)  # every rank gathers
     if fit.trainer.is_global_zero:
-        export_moderator(
-            module.model, tokenizer, thresholds.tolist(), max_length, artifact, taxonomy
-        )
+        export_moderator(model, tokenizer, thresholds.tolist(), max_length, artifact, taxonomy)
         report = write_category_report(test_metrics, thresholds, taxonomy, run_dir)
         artifacts["category_metrics"] = str(report)
         if taxonomy.has_severity:

@@ -171,7 +171,7 @@ def stage_state(stage, stage_dir: Path, cfg: DictConfig, reran: Collection[str])
         unfinished is not None
         and depends is None
         and difference is None
-        and (stage_dir / "checkpoints" / "last.ckpt").is_file()
+        and (stage_dir / "checkpoints" / "last.ckpt").exists()
     )
     return StageState(why, resumable)
 
@@ -384,7 +384,7 @@ def _wait_for_one(running: dict[str, RunningStage], stopping: _SigtermFlag) -> R
             _stop(stopped)
             running.clear()
             checkpoints = [s.planned.stage_dir / "checkpoints" / "last.ckpt" for s in stopped]
-            raise Preempted(next((c for c in checkpoints if c.is_file()), None))
+            raise Preempted(next((c for c in checkpoints if c.exists()), None))
         for name, stage in running.items():
             if stage.process.poll() is not None:
                 return running.pop(name)

@@ -35,7 +35,6 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
-from pytorch_lightning.strategies import DDPStrategy
 from transformers import PreTrainedModel
 
 from saferlhf.config import PtxData
@@ -43,7 +42,7 @@ from saferlhf.data import views
 from saferlhf.data.collate import tokenize_prompts, tokenize_sft_examples
 from saferlhf.data.sources import load_data
 from saferlhf.evaluate.gold import fixed_eval_prompts, gold_metrics
-from saferlhf.models import save_artifact
+from saferlhf.models.sharding import shard_for_strategy
 from saferlhf.rl.checkpoint import IterationCheckpoint
 from saferlhf.rl.config import check_ppo_config, decodes_compiled, ppo_variant
 from saferlhf.rl.experience import make_experience, rollout_metrics, score_rollout
@@ -60,7 +59,13 @@ from saferlhf.rl.update import (
     update_critics,
 )
 from saferlhf.run import RunContext, TaskResult
-from saferlhf.tasks.common import required_artifact, resolve_ckpt_path, stop_if_non_finite
+from saferlhf.tasks.common import (
+    export_artifact,
+    required_artifact,
+    resolve_ckpt_path,
+    stop_if_non_finite,
+    trainer_arguments,
+)
 
 
 def _frozen(model: PreTrainedModel) -> PreTrainedModel:
@@ -100,6 +105,10 @@ class PPOModule(pl.LightningModule):
         self.optimizer_names: list[str] = []  # set by configure_optimizers, in its order
         # λ moves by its own rule on every rank alike; DDP must not average its gradient.
         self._ddp_params_and_buffers_to_ignore = ["lagrange.log_lambda"]
+
+    def configure_model(self) -> None:
+        trained = [self.actor, self.reward_critic, self.cost_critic]
+        shard_for_strategy(self, trained, [self.reference, self.reward_model, self.cost_model])
 
     @property
     def constrained(self) -> bool:
@@ -322,13 +331,11 @@ def ppo_task(run: RunContext) -> TaskResult:
         train_prompts, tokenize_prompts(tokenizer, train_prompts, max_prompt), algo.iterations,
         algo.rollout_batch_size, cfg.seed,
     )  # fmt: skip
-    trainer_cfg = {k: v for k, v in cfg.trainer.items() if k != "log_every_n_steps"}
-    if trainer_cfg["strategy"] == "ddp":
-        # Each network has its own backward pass, so every backward leaves the others unused.
-        trainer_cfg["strategy"] = DDPStrategy(find_unused_parameters=True)
+    hardware = trainer_arguments(cfg.trainer, networks_apart=True)
+    hardware.pop("log_every_n_steps")  # one step is a whole PPO iteration: log every one
     checkpoint_path = run.run_dir / "checkpoints" / "last.ckpt"
     trainer = pl.Trainer(
-        **trainer_cfg,
+        **hardware,
         max_epochs=1,
         default_root_dir=run.run_dir,
         logger=run.logger if run.logger is not None else False,
@@ -343,9 +350,9 @@ def ppo_task(run: RunContext) -> TaskResult:
     metrics = dict(module.history[-1])
     metrics |= {f"initial/{name}": value for name, value in module.initial_eval.items()}
     metrics |= {f"final/{name}": value for name, value in module.final_eval.items()}
+    policy = module.actor.merge_and_unload() if algo.lora_rank > 0 else module.actor
+    export_artifact(trainer, policy, tokenizer, artifact)  # a plain causal LM either way
     if trainer.is_global_zero:
-        policy = module.actor.merge_and_unload() if algo.lora_rank > 0 else module.actor
-        save_artifact(policy, tokenizer, artifact)  # a plain causal LM either way
         (run.run_dir / "ppo_history.json").write_text(json.dumps(module.history, indent=1) + "\n")
     return TaskResult(
         metrics,

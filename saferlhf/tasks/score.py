@@ -30,10 +30,12 @@ from saferlhf.data.sources import load_data
 from saferlhf.errors import ConfigError
 from saferlhf.evaluate.metrics import pairwise_accuracy, sign_accuracy, spearman
 from saferlhf.losses import bradley_terry_loss, cost_loss
-from saferlhf.models import build_score_model, save_artifact
+from saferlhf.models import build_score_model
+from saferlhf.models.sharding import shard_for_strategy
 from saferlhf.run import RunContext, TaskResult
 from saferlhf.tasks.common import (
     adamw_with_schedule,
+    export_artifact,
     fit_and_validate_best,
     gather_across_ranks,
     gold_scores,
@@ -107,6 +109,9 @@ class ScoreModule(pl.LightningModule):
         self.model = model.train()  # from_pretrained returns eval mode: dropout would stay off
         self.loss_fn, self.metrics_fn = OBJECTIVES[objective]
         self._val_batches: list[dict[str, torch.Tensor]] = []
+
+    def configure_model(self) -> None:
+        shard_for_strategy(self, [self.model])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         output = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -251,8 +256,7 @@ def score_task(run: RunContext) -> TaskResult:
     fit = fit_and_validate_best(run, module, data)
 
     artifact = Path(run.run_dir) / "artifacts" / objective
-    if fit.trainer.is_global_zero:
-        save_artifact(module.model, tokenizer, artifact)
+    export_artifact(fit.trainer, module.model, tokenizer, artifact)
     return TaskResult(
         metrics=fit.metrics | {"train/truncated": train_truncated, "val/truncated": val_truncated},
         artifacts={objective: str(artifact), "checkpoint": fit.best_checkpoint},

@@ -22,10 +22,12 @@ from saferlhf.data.module import LanguageModelingCollator, ListDataModule
 from saferlhf.data.sources import load_data
 from saferlhf.data.views import qa_items
 from saferlhf.losses import selective_log_softmax
-from saferlhf.models import build_causal_lm, save_artifact
+from saferlhf.models import build_causal_lm
+from saferlhf.models.sharding import shard_for_strategy
 from saferlhf.run import RunContext, TaskResult
 from saferlhf.tasks.common import (
     adamw_with_schedule,
+    export_artifact,
     fit_and_validate_best,
     model_config,
     tokenizer_for,
@@ -51,6 +53,9 @@ class SFTModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["model"])
         self.model = model.train()  # from_pretrained returns eval mode: dropout would stay off
         self._val_nll = self._val_tokens = 0.0
+
+    def configure_model(self) -> None:
+        shard_for_strategy(self, [self.model])
 
     def training_step(self, batch, batch_idx):
         nll, tokens = response_nll(self.model, batch)
@@ -117,6 +122,5 @@ def sft_task(run: RunContext) -> TaskResult:
     }
 
     artifact = Path(run.run_dir) / "artifacts" / "policy"
-    if fit.trainer.is_global_zero:
-        save_artifact(module.model, tokenizer, artifact)
+    export_artifact(fit.trainer, module.model, tokenizer, artifact)
     return TaskResult(metrics, {"policy": str(artifact), "checkpoint": fit.best_checkpoint})

@@ -1,0 +1,241 @@
+"""FSDP2 (``trainer=fsdp``, ``trainer=fsdp_cpu``): how models are sharded, gathered for
+decoding and exported, and that a sharded run computes what the DDP run on the same ranks
+computes, resumes exactly and writes folders plain transformers loads."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from saferlhf.config import PPO_STRATEGIES
+from saferlhf.models import build_causal_lm, build_score_model
+from saferlhf.models.sharding import (
+    gathered_for_decoding,
+    inference_context,
+    shard_modules,
+    unsharded_copy,
+)
+from saferlhf.rl.config import decodes_compiled
+from saferlhf.rl.rollout import sample_responses, token_values
+from tests.tiny import benchmark_tokenizer, micro_model_cfg, save_micro_artifacts
+
+
+@pytest.fixture
+def one_rank_mesh(tmp_path):
+    """A one-process gloo group: FSDP2's code paths run as they do on many ranks."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    yield init_device_mesh("cpu", (1,))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return benchmark_tokenizer(num_train=200, vocab_size=512)
+
+
+def test_every_model_is_sharded_per_decoder_layer_and_exports_its_exact_weights(
+    one_rank_mesh, tokenizer
+):
+    torch.manual_seed(0)
+    actor = build_causal_lm(micro_model_cfg(), tokenizer)
+    critic = build_score_model(micro_model_cfg(), tokenizer)
+    reference = build_causal_lm(micro_model_cfg(), tokenizer).requires_grad_(False)
+    before = {k: v.clone() for k, v in actor.state_dict().items()}
+    shard_modules([actor, critic], [reference], mesh=one_rank_mesh, offload_frozen=True)
+    shard_modules([actor], mesh=one_rank_mesh)  # configure_model runs again: nothing changes
+
+    for model in (actor, critic, reference):
+        assert isinstance(model, FSDPModule)
+        assert all(isinstance(layer, FSDPModule) for layer in model.model.layers)
+        assert all(isinstance(p, DTensor) for p in model.parameters())
+    # token_values runs a critic's backbone and head outside its forward: each gathers its own.
+    assert isinstance(critic.model, FSDPModule) and isinstance(critic.score, FSDPModule)
+
+    copy = unsharded_copy(actor, is_global_zero=True)
+    assert type(copy).__name__ == "LlamaForCausalLM" and not isinstance(copy, FSDPModule)
+    assert copy.state_dict().keys() == before.keys()
+    assert all(torch.equal(copy.state_dict()[k], v) for k, v in before.items())
+    assert copy.lm_head.weight is copy.model.embed_tokens.weight  # still tied
+    assert unsharded_copy(actor, is_global_zero=False) is None
+
+
+def test_a_sharded_actor_decodes_and_scores_as_the_plain_one(one_rank_mesh, tokenizer):
+    torch.manual_seed(0)
+    plain = build_causal_lm(micro_model_cfg(), tokenizer).eval()
+    critic = build_score_model(micro_model_cfg(), tokenizer).eval()
+    sharded = build_causal_lm(micro_model_cfg(), tokenizer).eval()
+    sharded.load_state_dict(plain.state_dict())
+    plain_critic = build_score_model(micro_model_cfg(), tokenizer).eval()
+    plain_critic.load_state_dict(critic.state_dict())
+    shard_modules([sharded, critic], mesh=one_rank_mesh)
+    prompts = [tokenizer.encode("How do I bake bread?"), tokenizer.encode("Tell me a story")]
+    sampling = dict(max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0)
+
+    rollouts = []
+    for model in (plain, sharded):
+        torch.manual_seed(1)
+        rollouts.append(sample_responses(model, tokenizer, prompts, **sampling))
+    assert torch.equal(rollouts[0].input_ids, rollouts[1].input_ids)
+    torch.testing.assert_close(rollouts[0].logprobs, rollouts[1].logprobs)
+    # Released after decoding: the actor holds its shards again.
+    assert all(isinstance(p, DTensor) for p in sharded.parameters())
+    with inference_context(critic):
+        values = token_values(critic, rollouts[1])
+    with inference_context(plain_critic):
+        torch.testing.assert_close(values, token_values(plain_critic, rollouts[0]))
+
+
+def test_gathered_for_decoding_keeps_every_layer_gathered_until_it_ends(one_rank_mesh, tokenizer):
+    actor = build_causal_lm(micro_model_cfg(), tokenizer)
+    shard_modules([actor], mesh=one_rank_mesh)
+    ids = torch.tensor([tokenizer.encode("hello there")])
+    with torch.no_grad(), gathered_for_decoding(actor):
+        actor(input_ids=ids)
+        # Unsharded parameters are plain tensors: nothing was resharded after the forward.
+        assert not any(isinstance(p, DTensor) for p in actor.model.layers[0].parameters())
+    assert all(isinstance(p, DTensor) for p in actor.parameters())
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+def test_ppo_runs_under_fsdp_but_not_with_lora_or_compiled_decoding(compose_cfg):
+    from saferlhf.config import validate_config
+    from saferlhf.errors import ConfigError
+
+    assert "fsdp" in PPO_STRATEGIES
+    cfg = compose_cfg("task=ppo", "trainer=fsdp")
+    validate_config(cfg)
+    assert not decodes_compiled(cfg.algo, cfg.trainer)  # gathered weights change every iteration
+    with pytest.raises(ConfigError, match="algo.lora_rank=8: LoRA does not run under"):
+        validate_config(compose_cfg("task=ppo", "trainer=fsdp", "algo.lora_rank=8"))
+    with pytest.raises(ConfigError, match="algo.compile_generation=true"):
+        validate_config(compose_cfg("task=ppo", "trainer=fsdp", "algo.compile_generation=true"))
+    with pytest.raises(ConfigError, match="strategy takes one optimizer .* use trainer=fsdp"):
+        validate_config(compose_cfg("task=ppo", "trainer=deepspeed"))
+
+
+# -- two processes over gloo (the CLI, as a user runs it) ---------------------------------------
+
+SMALL = (
+    "logger=csv", "trainer.enable_progress_bar=false", "data.benchmark.num_train=300",
+    "data.benchmark.num_test=60",
+)  # fmt: skip
+
+
+def _saferlhf(run_dir, *overrides) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "saferlhf.cli", *SMALL, *overrides, f"hydra.run.dir={run_dir}"],
+        capture_output=True, text=True, cwd=run_dir.parent,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _weights(folder):
+    return load_file(folder / "model.safetensors")
+
+
+def _assert_same_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+def _ppo_args(artifacts):
+    return (
+        "task=ppo", f"init.policy={artifacts / 'policy'}", f"init.reward={artifacts / 'reward'}",
+        f"init.cost={artifacts / 'cost'}", "algo.iterations=3", "algo.rollout_batch_size=8",
+        "algo.minibatch_size=4", "eval.sampling.max_new_tokens=8", "eval.num_prompts=16",
+        "task.checkpoint_every=2",
+    )  # fmt: skip
+
+
+def _history(run_dir):
+    history = json.loads((run_dir / "ppo_history.json").read_text())
+    return [{k: v for k, v in h.items() if not k.startswith("time/")} for h in history]
+
+
+# Sharding changes where sums happen (reduce-scatter then shards, instead of an all-reduce of
+# whole gradients), so float32 results agree to rounding: about 1e-7 relative per step,
+# compounded over a few AdamW steps. A real difference (a rank's data, a skipped gradient
+# sync, λ apart) moves losses and weights by 1e-3 or more.
+RTOL, ATOL = 1e-5, 1e-5
+
+
+@pytest.mark.slow
+def test_ppo_lagrangian_under_fsdp_cpu_matches_ddp_cpu_resumes_exactly_and_exports_a_plain_policy(
+    tmp_path,
+):
+    artifacts = save_micro_artifacts(tmp_path / "artifacts")
+    for strategy in ("ddp_cpu", "fsdp_cpu"):
+        (tmp_path / strategy).mkdir()
+        _saferlhf(tmp_path / strategy, *_ppo_args(artifacts), f"trainer={strategy}")
+    ddp, fsdp = (_history(tmp_path / s) for s in ("ddp_cpu", "fsdp_cpu"))
+    assert len(fsdp) == 3
+    assert fsdp == [pytest.approx(h, rel=RTOL, abs=ATOL) for h in ddp]
+    for history in (ddp, fsdp):
+        assert [h["lagrange/lambda_rank_spread"] for h in history] == [0.0, 0.0, 0.0]
+    assert len({h["lagrange/lambda"] for h in fsdp}) > 1  # λ moved, identically on both ranks
+    policy = tmp_path / "fsdp_cpu" / "artifacts" / "policy"
+    _assert_same_weights(_weights(policy), _weights(tmp_path / "ddp_cpu/artifacts/policy"), ATOL)
+    model = AutoModelForCausalLM.from_pretrained(policy)
+    assert type(model).__name__ == "LlamaForCausalLM"
+
+    # Killed (both ranks, as a preempted job is) after its checkpoint of iteration 2, a folder of
+    # per-rank shards, then resumed: the same history and weights as the uninterrupted run, bit
+    # for bit. (Not SIGTERM: Lightning's handler broadcasts from inside the signal handler, which
+    # can meet another collective in flight and hang both ranks.)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    args = (*SMALL, *_ppo_args(artifacts), "trainer=fsdp_cpu", f"hydra.run.dir={cut}")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "saferlhf.cli", *args],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    lightning_state = cut / "checkpoints" / "last.ckpt" / "meta.pt"  # written after the shards
+    while not lightning_state.is_file() and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.2)  # for meta.pt to be written whole
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (cut / "summary.json").exists()  # killed before the end of iteration 3
+    _saferlhf(cut, *_ppo_args(artifacts), "trainer=fsdp_cpu", "ckpt_path=last")
+    assert _history(cut) == fsdp
+    _assert_same_weights(_weights(cut / "artifacts/policy"), _weights(policy), 0.0)
+
+
+@pytest.mark.slow
+def test_sft_and_reward_under_fsdp_cpu_match_ddp_cpu(tmp_path):
+    stages = {
+        "sft": ("task=sft", "task.max_epochs=1"),
+        "reward": ("task=reward", "task.max_epochs=1"),
+    }
+    for strategy in ("ddp_cpu", "fsdp_cpu"):
+        for stage, overrides in stages.items():
+            (tmp_path / strategy / stage).mkdir(parents=True)
+            _saferlhf(tmp_path / strategy / stage, *overrides, f"trainer={strategy}")
+    for stage, artifact in (("sft", "policy"), ("reward", "reward")):
+        ddp, fsdp = (
+            json.loads((tmp_path / s / stage / "summary.json").read_text())["metrics"]
+            for s in ("ddp_cpu", "fsdp_cpu")
+        )
+        assert fsdp == pytest.approx(ddp, rel=RTOL, abs=ATOL)
+        folders = [tmp_path / s / stage / "artifacts" / artifact for s in ("ddp_cpu", "fsdp_cpu")]
+        _assert_same_weights(_weights(folders[0]), _weights(folders[1]), ATOL)
+    AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "fsdp_cpu/reward/artifacts/reward"
+    )
