@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 # ---------------------------------------------------------------------------------------------
 # Masked statistics
@@ -172,6 +173,41 @@ def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
         for row, row_index in zip(logits, index, strict=True)
     ]
     return torch.stack(rows)
+
+
+def chunked_token_log_probs(
+    hidden: Tensor, head_weight: Tensor, index: Tensor, chunk_tokens: int
+) -> Tensor:
+    """Log-probabilities of the chosen tokens under a linear LM head, ``chunk_tokens`` tokens
+    at a time: ``log_softmax(h_n Wᵀ)[index_n]`` for each token ``n``.
+
+    The same numbers as :func:`selective_log_softmax` of the full logits ``hidden @ Wᵀ``
+    (computed in the head's dtype, then in float32), but the ``(N, V)`` logits are never all
+    held at once: each chunk's logits live only inside its own forward, and each chunk is
+    checkpointed, so backward recomputes them instead of keeping ``N · V`` floats alive from
+    forward to backward. Peak extra memory is one chunk's logits (and their gradient), for one
+    more LM-head matmul per chunk in backward.
+
+    Args:
+        hidden: ``(N, H)`` final hidden states (after the last norm).
+        head_weight: ``(V, H)`` the LM head's weight (a head without bias or logit scaling).
+        index: ``(N,)`` token ids in ``[0, V)``.
+        chunk_tokens: tokens per chunk, at least 1.
+
+    Returns:
+        ``(N,)`` float32 log-probabilities.
+    """
+
+    def chunk_log_probs(chunk_hidden: Tensor, weight: Tensor, chunk_index: Tensor) -> Tensor:
+        return selective_log_softmax(F.linear(chunk_hidden, weight).float(), chunk_index)
+
+    pieces = [
+        checkpoint(chunk_log_probs, chunk_hidden, head_weight, chunk_index, use_reentrant=False)
+        for chunk_hidden, chunk_index in zip(
+            hidden.split(chunk_tokens), index.split(chunk_tokens), strict=True
+        )
+    ]
+    return torch.cat(pieces)
 
 
 def sequence_log_probs(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ import torch
 from saferlhf import losses
 from saferlhf.losses import (
     bradley_terry_loss,
+    chunked_token_log_probs,
     clamp_log_lambda_,
     clip_scores,
     combined_advantages,
@@ -215,6 +216,47 @@ def test_selective_log_softmax_gradient_matches_naive():
     logits.grad = None
     torch.log_softmax(logits, -1).gather(-1, index.unsqueeze(-1)).sum().backward()
     torch.testing.assert_close(ours, logits.grad)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 9, 64])  # a token each, 4 + 4 + 1, one chunk
+def test_chunked_token_log_probs_match_the_full_logits_in_values_and_gradients(chunk_tokens):
+    torch.manual_seed(0)
+    hidden = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(13, 5, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, 13, (9,))
+    upstream = torch.randn(9, dtype=torch.float64)  # a gradient that weighs tokens unequally
+
+    ours = chunked_token_log_probs(hidden, weight, index, chunk_tokens)
+    (ours * upstream).sum().backward()
+    our_grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    full = selective_log_softmax((hidden @ weight.T).float(), index)
+    (full * upstream).sum().backward()
+
+    assert ours.shape == (9,) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, full)
+    torch.testing.assert_close(our_grads[0], hidden.grad)
+    torch.testing.assert_close(our_grads[1], weight.grad)
+
+
+def test_chunked_token_log_probs_keep_no_logits_for_backward():
+    """What autograd saves between forward and backward: the inputs, not the logits (with the
+    full logits it would save at least N · V floats)."""
+    torch.manual_seed(0)
+    tokens, vocab, width = 64, 100, 8
+    hidden = torch.randn(tokens, width, requires_grad=True)
+    weight = torch.randn(vocab, width, requires_grad=True)
+    index = torch.randint(0, vocab, (tokens,))
+    saved: list[int] = []
+
+    def keep(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        chunked_token_log_probs(hidden, weight, index, chunk_tokens=16).sum().backward()
+    assert max(saved) < 16 * vocab  # under one chunk's logits
+    assert hidden.grad is not None and weight.grad is not None
 
 
 def test_sequence_log_probs_hand_values_and_padding_labels():
