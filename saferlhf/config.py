@@ -254,6 +254,8 @@ class PPOConfig:
     length_bucketing: bool = MISSING  # minibatches of rows of similar length (less padding)
     compile_generation: bool | None = MISSING  # torch.compile'd fixed-shape decoding; None: CUDA
     gradient_checkpointing: bool = MISSING  # actor and critics recompute activations in backward
+    packed_update: bool = MISSING  # update passes on a minibatch's rows packed into one, unpadded
+    logprob_chunk: int = MISSING  # > 0: the update's actor log-probs this many tokens at a time
     lora_rank: int = MISSING  # > 0: train LoRA adapters on the actor; reference = adapters off
     lora_alpha: float = MISSING
 
@@ -516,6 +518,7 @@ RANGES: dict[str, Interval] = {
     "algo.adam_betas.*": Interval(0, 1, high_open=True),
     "algo.ptx_coef": NON_NEGATIVE,
     "algo.lora_rank": NON_NEGATIVE,
+    "algo.logprob_chunk": NON_NEGATIVE,  # 0: all tokens at once
     "algo.lora_alpha": POSITIVE,
     "lagrange.lambda_init": POSITIVE,  # λ = exp(log λ): log 0 does not exist
     "lagrange.lambda_max": POSITIVE,
@@ -601,6 +604,12 @@ def combination_error(cfg: dict[str, Any]) -> str | None:
             return (
                 "algo.compile_generation=true: compiled decoding does not run under "
                 "trainer.strategy=fsdp (its gathered weights change between iterations)"
+            )
+        if algo["logprob_chunk"] > 0:
+            return (
+                f"algo.logprob_chunk={algo['logprob_chunk']}: chunked log-probs call the actor's "
+                "decoder and LM head apart, which trainer.strategy=fsdp shards as one unit; set "
+                "algo.logprob_chunk=0 or use trainer=ddp"
             )
     objective = cfg["objective"]
     if objective["constraint"] is not None and objective["at_most"] is None:

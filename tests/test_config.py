@@ -129,6 +129,7 @@ def test_every_option_of_every_group_passes_validation(compose_cfg, group, tmp_p
         (["eval.sampling.top_p=1.5"], "eval.sampling.top_p=1.5: expected a value in (0, 1]"),
         (["algo.adam_betas=[0.9,1.0]"], "algo.adam_betas.1=1.0: expected a value in [0, 1)"),
         (["algo.gamma=1.01"], "algo.gamma=1.01: expected a value in [0, 1]"),
+        (["algo.logprob_chunk=-1"], "algo.logprob_chunk=-1: expected a value >= 0"),
         (["task=sft", "task.max_epochs=0"], "task.max_epochs=0: expected a value >= 1"),
         (["task=sft", "task.batch_size=0"], "task.batch_size=0: expected a value >= 1"),
         (["task=reward", "task.batch_size=-4"], "task.batch_size=-4"),

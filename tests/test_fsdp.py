@@ -27,7 +27,7 @@ from saferlhf.models.sharding import (
     unsharded_copy,
 )
 from saferlhf.rl.config import decodes_compiled
-from saferlhf.rl.rollout import sample_responses, token_values
+from saferlhf.rl.rollout import response_log_probs, sample_responses, token_values
 from tests.tiny import benchmark_tokenizer, micro_model_cfg, save_micro_artifacts
 
 
@@ -94,8 +94,15 @@ def test_a_sharded_actor_decodes_and_scores_as_the_plain_one(one_rank_mesh, toke
     assert all(isinstance(p, DTensor) for p in sharded.parameters())
     with inference_context(critic):
         values = token_values(critic, rollouts[1])
+        packed_values = token_values(critic, rollouts[1], packed=True)
     with inference_context(plain_critic):
         torch.testing.assert_close(values, token_values(plain_critic, rollouts[0]))
+    # algo.packed_update runs sharded too (chunked log-probs are refused under FSDP).
+    mask = rollouts[1].response_mask
+    torch.testing.assert_close(packed_values, values * mask, atol=1e-5, rtol=1e-4)
+    with inference_context(sharded):
+        packed_logprobs = response_log_probs(sharded, rollouts[1], packed=True)
+    torch.testing.assert_close(packed_logprobs, rollouts[0].logprobs, atol=1e-5, rtol=1e-4)
 
 
 def test_gathered_for_decoding_keeps_every_layer_gathered_until_it_ends(one_rank_mesh, tokenizer):
@@ -112,18 +119,21 @@ def test_gathered_for_decoding_keeps_every_layer_gathered_until_it_ends(one_rank
 # -- config ------------------------------------------------------------------------------------
 
 
-def test_ppo_runs_under_fsdp_but_not_with_lora_or_compiled_decoding(compose_cfg):
+def test_ppo_runs_under_fsdp_but_not_with_lora_compiled_decoding_or_chunked_log_probs(compose_cfg):
     from saferlhf.config import validate_config
     from saferlhf.errors import ConfigError
 
     assert "fsdp" in PPO_STRATEGIES
     cfg = compose_cfg("task=ppo", "trainer=fsdp")
     validate_config(cfg)
+    validate_config(compose_cfg("task=ppo", "trainer=fsdp", "algo.packed_update=true"))
     assert not decodes_compiled(cfg.algo, cfg.trainer)  # gathered weights change every iteration
     with pytest.raises(ConfigError, match="algo.lora_rank=8: LoRA does not run under"):
         validate_config(compose_cfg("task=ppo", "trainer=fsdp", "algo.lora_rank=8"))
     with pytest.raises(ConfigError, match="algo.compile_generation=true"):
         validate_config(compose_cfg("task=ppo", "trainer=fsdp", "algo.compile_generation=true"))
+    with pytest.raises(ConfigError, match="algo.logprob_chunk=1024: chunked log-probs call"):
+        validate_config(compose_cfg("task=ppo", "trainer=fsdp", "algo.logprob_chunk=1024"))
     with pytest.raises(ConfigError, match="strategy takes one optimizer .* use trainer=fsdp"):
         validate_config(compose_cfg("task=ppo", "trainer=deepspeed"))
 

@@ -15,11 +15,12 @@ from saferlhf.data.sources import load_data
 from saferlhf.losses import entropy_from_logits, masked_mean
 from saferlhf.models import build_causal_lm, build_score_model, save_artifact
 from saferlhf.rl.config import decodes_compiled
-from saferlhf.rl.experience import ended_responses
+from saferlhf.rl.experience import ended_responses, make_experience, score_rollout
 from saferlhf.rl.lagrange import FixedMultiplier, SafeRLHFMultiplier, multiplier_from_config
 from saferlhf.rl.rollout import (
     Rollout,
     minibatch_rows,
+    packed_rows,
     positions_from_mask,
     response_log_probs,
     response_logits,
@@ -29,7 +30,7 @@ from saferlhf.rl.rollout import (
     sequence_scores,
     token_values,
 )
-from saferlhf.rl.update import lr_multiplier
+from saferlhf.rl.update import lr_multiplier, select_minibatch, update_actor, update_critics
 from saferlhf.run import read_summary
 from saferlhf.tasks.common import (
     NonFiniteError,
@@ -201,6 +202,111 @@ def test_a_trimmed_minibatch_scores_like_the_full_rollout(tokenizer, tiny_models
     assert masked_mean(mb.logprobs, mb.response_mask) == pytest.approx(
         masked_mean(rollout.logprobs[rows, :5], rollout.response_mask[rows, :5]).item()
     )
+
+
+def _ragged_rollout(tokenizer, policy, response_lengths: list[int]) -> Rollout:
+    """A rollout of prompts of different lengths whose responses end after
+    ``response_lengths`` tokens, as responses that emitted EOS there would (untrained micro
+    models seldom sample EOS)."""
+    prompts = ["hi", "how can i grow tomatoes ?", "tell me the best way to make a budget .", "ok"]
+    torch.manual_seed(6)
+    rollout = sample_responses(
+        policy, tokenizer, tokenize_prompts(tokenizer, prompts, 64), 12, 1.0, 0, 1.0
+    )
+    width = rollout.response_mask.shape[1]
+    ends = torch.arange(width)[None] < torch.tensor(response_lengths)[:, None]
+    response_mask = rollout.response_mask * ends
+    attention_mask = torch.cat(
+        [rollout.attention_mask[:, : rollout.prompt_width], response_mask.long()], 1
+    )
+    responses = rollout.responses.masked_fill(response_mask == 0, tokenizer.pad_token_id)
+    return Rollout(
+        torch.cat([rollout.input_ids[:, : rollout.prompt_width], responses], 1),
+        attention_mask,
+        positions_from_mask(attention_mask),
+        response_mask,
+        rollout.prompt_width,
+        rollout.logprobs * response_mask,
+        rollout.entropy * response_mask,
+    )
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_rows_give_the_log_probs_and_values_of_the_padded_rows(tokenizer, attention):
+    """Packed rows carry no attention mask: transformers must build a block-diagonal causal
+    mask from the restarting position ids, or each row would attend to the rows before it."""
+    cfg = micro_model_cfg()
+    torch.manual_seed(0)
+    policy, critic = (
+        build_causal_lm(cfg, tokenizer).eval(),
+        build_score_model(cfg, tokenizer).eval(),
+    )
+    for model in (policy, critic):
+        model.set_attn_implementation(attention)
+    rollout = _ragged_rollout(tokenizer, policy, [3, 12, 7, 1])
+    packed = packed_rows(rollout)
+    assert packed.attention_mask is None
+    assert packed.input_ids.shape == (1, rollout.attention_mask.sum())  # no padding left
+    assert packed.position_ids[0].eq(0).sum() == 4  # each row starts again at position 0
+    mask = rollout.response_mask
+    with torch.no_grad():
+        padded_logprobs = response_log_probs(policy, rollout)
+        padded_values = token_values(critic, rollout)
+        for chunk_tokens in (0, 5):  # 5: 23 response tokens in chunks of 5 + ... + 3
+            torch.testing.assert_close(
+                response_log_probs(policy, rollout, packed=True, chunk_tokens=chunk_tokens),
+                padded_logprobs * mask,  # packed outputs are 0 where the rows were padded
+                atol=1e-5,
+                rtol=1e-4,
+            )
+        torch.testing.assert_close(
+            response_log_probs(policy, rollout, chunk_tokens=5),
+            padded_logprobs,
+            atol=1e-5,
+            rtol=1e-4,
+        )
+        torch.testing.assert_close(
+            token_values(critic, rollout, packed=True), padded_values * mask, atol=1e-5, rtol=1e-4
+        )
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean"])
+@pytest.mark.parametrize("packed, chunk", [(True, 0), (False, 4), (True, 4)])
+def test_packed_and_chunked_updates_give_the_padded_losses_and_gradients(
+    compose_cfg, tokenizer, tiny_models, aggregation, packed, chunk
+):
+    cfg, policy, scorer = tiny_models
+    torch.manual_seed(8)  # an actor other than the sampling policy, so the ratios leave 1
+    actor, cost_critic = build_causal_lm(cfg, tokenizer), build_score_model(cfg, tokenizer)
+    rollout = _ragged_rollout(tokenizer, policy, [3, 12, 7, 1])
+    scores = score_rollout(rollout, actor, policy, scorer, scorer, cost_critic, cost_critic)
+    networks = {"actor": actor, "reward_critic": scorer, "cost_critic": cost_critic}
+
+    def one_step(*overrides: str) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """The update's metrics and every network's gradients, without an optimizer step."""
+        algo = compose_cfg("task=ppo", f"algo.loss_aggregation={aggregation}", *overrides).algo
+        experience = make_experience(rollout, scores, tokenizer.eos_token_id, algo)
+        mb = select_minibatch(rollout, experience, torch.tensor([3, 0, 2]), lambda_value=0.5)
+        grads = {}
+
+        def backward(name: str, loss: torch.Tensor) -> None:
+            networks[name].zero_grad()
+            loss.backward()
+            grads.update(
+                {f"{name}.{k}": p.grad.clone() for k, p in networks[name].named_parameters()}
+            )
+
+        metrics = update_actor(actor, mb, algo, None, backward)
+        metrics |= update_critics(scorer, cost_critic, mb, algo, backward)
+        return metrics, grads
+
+    padded_metrics, padded_grads = one_step()
+    metrics, grads = one_step(f"algo.packed_update={packed}", f"algo.logprob_chunk={chunk}")
+    assert 0 < padded_metrics["train/clip_fraction"] < 1  # both sides of the clip are taken
+    assert metrics == pytest.approx(padded_metrics, rel=1e-5, abs=1e-6)
+    assert grads.keys() == padded_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, padded_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("bucket", [False, True])
@@ -689,6 +795,24 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_changes_no_result(
     passes = 2 * cfg.algo.ppo_epochs * (cfg.algo.rollout_batch_size // cfg.algo.minibatch_size)
     assert calls == [passes, 2 * passes]
     assert histories[1] == [pytest.approx(h, rel=1e-5, abs=1e-6) for h in histories[0]]
+
+
+def test_a_packed_chunked_ppo_lagrangian_run_trains_as_the_padded_one(
+    compose_cfg, untrained_artifacts, tmp_path
+):
+    histories = []
+    for name, overrides in [
+        ("padded", ()),
+        ("packed", ("algo.packed_update=true", "algo.logprob_chunk=16")),
+    ]:
+        cfg = _ppo(compose_cfg, untrained_artifacts, "algo.iterations=2", *overrides)
+        run(cfg, tmp_path / name)
+        history = json.loads((tmp_path / name / "ppo_history.json").read_text())
+        histories.append(
+            [{k: v for k, v in h.items() if not k.startswith("time/")} for h in history]
+        )
+    assert histories[0][-1]["train/actor_loss"] != 0
+    assert histories[1] == [pytest.approx(h, rel=1e-4, abs=1e-5) for h in histories[0]]
 
 
 @pytest.mark.parametrize(

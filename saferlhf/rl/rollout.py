@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
 from saferlhf.data.collate import pad_sequences
-from saferlhf.losses import selective_log_softmax
+from saferlhf.losses import chunked_token_log_probs, selective_log_softmax
 from saferlhf.models.sharding import gathered_for_decoding, inference_context
 
 
@@ -259,24 +259,118 @@ def decode_responses(tokenizer: PreTrainedTokenizerBase, rollout: Rollout) -> li
     return tokenizer.batch_decode(rollout.responses, skip_special_tokens=True)
 
 
-def response_logits(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
-    """Logits predicting each response token, ``(B, R, V)``; the LM head runs on those
-    positions only (the prompt's logits would be computed and thrown away)."""
-    predicting = torch.arange(
-        rollout.prompt_width - 1, rollout.input_ids.shape[1] - 1, device=rollout.input_ids.device
+@dataclass
+class ModelRows:
+    """A rollout's rows as a model runs them, and where its per-token outputs go back to.
+
+    Padded (:func:`padded_rows`): the rollout's own ``(B, P + R)`` rows and attention mask.
+    Packed (:func:`packed_rows`): the real tokens of every row laid end to end in one row of
+    ``N`` tokens, with no padding and no attention mask; ``position_ids`` restart at 0 at each
+    row, from which transformers builds a block-diagonal causal mask (``masking_utils.
+    find_packed_sequence_indices`` for sdpa, eager and flex attention; flash attention reads the
+    same boundaries from ``position_ids`` and runs its varlen kernel), so no row sees another.
+    """
+
+    input_ids: torch.Tensor  # (rows, L)
+    attention_mask: torch.Tensor | None  # (rows, L); None when packed
+    position_ids: torch.Tensor  # (rows, L)
+    before_response: torch.Tensor  # (K,) the columns whose outputs predict response tokens
+    responses: torch.Tensor  # (rows, K) the response tokens they predict
+    # (B, R) cells of the response layout that packed outputs fill, in order; None: padded,
+    # where the outputs are already (B, R)
+    response_cells: torch.Tensor | None
+
+    def model_inputs(self) -> dict[str, torch.Tensor | bool | None]:
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "position_ids": self.position_ids,
+            "use_cache": False,
+        }
+
+    def to_response_layout(self, per_token: torch.Tensor) -> torch.Tensor:
+        """``(rows, K)`` outputs as the ``(B, R)`` response layout, 0 where packed rows had no
+        token (padding, which the losses' masks leave out)."""
+        if self.response_cells is None:
+            return per_token
+        return per_token.new_zeros(self.response_cells.shape).masked_scatter(
+            self.response_cells, per_token
+        )
+
+
+def padded_rows(rollout: Rollout) -> ModelRows:
+    width = rollout.input_ids.shape[1]
+    before_response = torch.arange(
+        rollout.prompt_width - 1, width - 1, device=rollout.input_ids.device
     )
-    return model(
-        input_ids=rollout.input_ids,
-        attention_mask=rollout.attention_mask,
-        position_ids=rollout.position_ids,
-        use_cache=False,
-        logits_to_keep=predicting,
-    ).logits
+    return ModelRows(
+        rollout.input_ids, rollout.attention_mask, rollout.position_ids, before_response,
+        rollout.responses, None,
+    )  # fmt: skip
 
 
-def response_log_probs(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
-    """Log-probability of each sampled response token under ``model``, ``(B, R)``."""
-    return selective_log_softmax(response_logits(model, rollout).float(), rollout.responses)
+def packed_rows(rollout: Rollout) -> ModelRows:
+    """The rollout's rows packed into one, without padding (see :class:`ModelRows`).
+
+    Where it pays: with a varlen attention kernel (flash attention on GPUs, which attends
+    within each packed row only), the update then computes no padding anywhere. sdpa and eager
+    attention get a dense ``(N, N)`` block-diagonal mask and compute attention over the whole
+    packed length (``N²`` against ``B · L²`` padded, near ``B`` times as much for rows of
+    similar length); there packing saves only the projections' and MLPs' work on padding.
+    """
+    real = rollout.attention_mask.bool()
+    packed_column = real.flatten().cumsum(0).view_as(real) - 1  # of each real token
+    response_cells = rollout.response_mask.bool()
+    # Response token t of a row sits at column prompt_width + t; the token before it predicts it.
+    before_response = packed_column[:, rollout.prompt_width - 1 : -1][response_cells]
+    return ModelRows(
+        rollout.input_ids[real][None], None, rollout.position_ids[real][None], before_response,
+        rollout.responses[response_cells][None], response_cells,
+    )  # fmt: skip
+
+
+def model_rows(rollout: Rollout, packed: bool) -> ModelRows:
+    return packed_rows(rollout) if packed else padded_rows(rollout)
+
+
+def _logits_before_response(model: PreTrainedModel, rows: ModelRows) -> torch.Tensor:
+    # The LM head runs on those positions only (the prompt's logits would be thrown away).
+    return model(**rows.model_inputs(), logits_to_keep=rows.before_response).logits
+
+
+def response_logits(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
+    """Logits predicting each response token, ``(B, R, V)``."""
+    return _logits_before_response(model, padded_rows(rollout))
+
+
+def response_log_probs(
+    model: PreTrainedModel, rollout: Rollout, packed: bool = False, chunk_tokens: int = 0
+) -> torch.Tensor:
+    """Log-probability of each sampled response token under ``model``, ``(B, R)``.
+
+    ``packed`` runs the model on the rows packed into one (:func:`packed_rows`).
+    ``chunk_tokens > 0`` takes the final hidden states and puts them through the LM head that
+    many tokens at a time (:func:`~saferlhf.losses.chunked_token_log_probs`), so the update's
+    ``(tokens, V)`` logits are never all held at once, nor kept for backward.
+    """
+    rows = model_rows(rollout, packed)
+    if chunk_tokens == 0:
+        logprobs = selective_log_softmax(
+            _logits_before_response(model, rows).float(), rows.responses
+        )
+        return rows.to_response_layout(logprobs)
+    head = model.get_output_embeddings()
+    if head.bias is not None or getattr(model.config, "final_logit_softcapping", None):
+        raise ValueError(
+            f"chunked log-probs need an LM head that is one linear map; {type(model).__name__}'s "
+            "has a bias or caps its logits"
+        )
+    hidden = model.get_decoder()(**rows.model_inputs()).last_hidden_state
+    logprobs = chunked_token_log_probs(
+        hidden[:, rows.before_response].flatten(0, 1), head.weight, rows.responses.flatten(),
+        chunk_tokens,
+    ).view_as(rows.responses)  # fmt: skip
+    return rows.to_response_layout(logprobs)
 
 
 def sequence_scores(score_model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
@@ -290,18 +384,15 @@ def sequence_scores(score_model: PreTrainedModel, rollout: Rollout) -> torch.Ten
     return output.logits.squeeze(-1).float()
 
 
-def token_values(critic: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
+def token_values(critic: PreTrainedModel, rollout: Rollout, packed: bool = False) -> torch.Tensor:
     """A critic's value before each response token, ``(B, R)``: the score head applied per token.
 
     The critic is a sequence-classification model (initialised from the reward or cost model),
-    so its backbone and linear ``score`` head give a value at every position.
+    so its backbone and linear ``score`` head give a value at every position. ``packed`` runs
+    the backbone on the rows packed into one (:func:`packed_rows`).
     """
+    rows = model_rows(rollout, packed)
     backbone = getattr(critic, critic.base_model_prefix)
-    hidden = backbone(
-        input_ids=rollout.input_ids,
-        attention_mask=rollout.attention_mask,
-        position_ids=rollout.position_ids,
-        use_cache=False,
-    ).last_hidden_state  # (B, P + R, H)
-    values = critic.score(hidden).squeeze(-1).float()  # (B, P + R)
-    return values[:, rollout.prompt_width - 1 : -1]
+    hidden = backbone(**rows.model_inputs()).last_hidden_state  # (rows, L, H)
+    values = critic.score(hidden[:, rows.before_response]).squeeze(-1).float()  # (rows, K)
+    return rows.to_response_layout(values)

@@ -11,14 +11,9 @@ import torch
 from transformers import PreTrainedModel
 
 from saferlhf.data.module import LanguageModelingCollator
-from saferlhf.losses import (
-    combined_advantages,
-    ppo_clip_loss,
-    selective_log_softmax,
-    value_clip_loss,
-)
+from saferlhf.losses import combined_advantages, ppo_clip_loss, value_clip_loss
 from saferlhf.rl.experience import Experience
-from saferlhf.rl.rollout import Rollout, response_logits, token_values
+from saferlhf.rl.rollout import Rollout, response_log_probs, token_values
 from saferlhf.tasks.common import cosine_with_warmup
 from saferlhf.tasks.sft import response_nll
 
@@ -124,9 +119,11 @@ def update_actor(
     actor: PreTrainedModel, mb: Minibatch, algo, ptx: PtxLoss | None, step: OptimizerStep
 ) -> dict[str, float]:
     """One step on the clipped surrogate, the ptx loss added to it (``algo.ptx_mode=joint``)
-    or taken as a second step at the updated weights (``separate``); the step's metrics."""
-    logprobs = selective_log_softmax(
-        response_logits(actor, mb.rollout).float(), mb.rollout.responses
+    or taken as a second step at the updated weights (``separate``); the step's metrics.
+    ``algo.packed_update`` and ``algo.logprob_chunk`` choose how the log-probs are computed
+    (:func:`~saferlhf.rl.rollout.response_log_probs`), not what they are."""
+    logprobs = response_log_probs(
+        actor, mb.rollout, packed=algo.packed_update, chunk_tokens=algo.logprob_chunk
     )
     clip = ppo_clip_loss(
         logprobs,
@@ -161,14 +158,15 @@ def update_critics(
     algo,
     step: OptimizerStep,
 ) -> dict[str, float]:
-    """One step of each critic on its clipped value loss; the losses as metrics."""
+    """One step of each critic on its clipped value loss; the losses as metrics. The critics
+    run on packed rows with ``algo.packed_update``."""
     critics = {"reward": (reward_critic, mb.old_reward_values, mb.reward_returns)}
     if cost_critic is not None:
         critics["cost"] = (cost_critic, mb.old_cost_values, mb.cost_returns)
     metrics = {}
     for name, (critic, old_values, returns) in critics.items():
         value = value_clip_loss(
-            token_values(critic, mb.rollout),
+            token_values(critic, mb.rollout, packed=algo.packed_update),
             old_values,
             returns,
             mb.rollout.response_mask,
