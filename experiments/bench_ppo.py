@@ -19,7 +19,11 @@ Presets: ``tiny`` (``conf/model/tiny.yaml``, float32; the CPU figure), ``0.5b`` 
 weights on both sides; ``--device cuda``). ``--variants`` adds saferlhf runs with other settings: decoding with or
 without ``torch.compile`` (``compiled``, ``eager``; the default compiles it on CUDA only),
 length-bucketed minibatches (``bucketed``), a LoRA actor (``lora``), gradient
-checkpointing (``checkpointing``); on CUDA the last three by default, while ``--budget-s`` lasts. Each run reports generation
+checkpointing (``checkpointing``), the update on packed rows (``packed``), the update's actor
+log-probs 1024 tokens at a time (``chunked_logprob``) or through liger-kernel's fused linear
+cross-entropy where it is installed (``fused_logprob_liger``, CUDA only, otherwise skipped
+with the reason); on CUDA all but ``bucketed`` and ``compiled`` by default, while
+``--budget-s`` lasts. Each run reports generation
 tokens/s and samples/s, and decoding's fraction of the memory-bandwidth limit (the weight bytes
 one decoding step reads, over a measured copy bandwidth, give the most steps per second, each
 ``B`` tokens); on CUDA also peak GPU memory and the fraction of the step's FLOP limit (model
@@ -95,9 +99,21 @@ SAFERLHF_VARIANTS = {  # name -> extra overrides
     "bucketed": ["algo.length_bucketing=true"],
     "lora": ["algo.lora_rank=16"],
     "checkpointing": ["algo.gradient_checkpointing=true"],
+    "packed": ["algo.packed_update=true"],
+    # 1024 tokens of a 32k vocabulary: 128 MiB of float32 logits at a time instead of a whole
+    # minibatch's (32 rows x ~160 tokens: 650 MiB, and as much again for their gradient)
+    "chunked_logprob": ["algo.logprob_chunk=1024"],
+    # the same path with liger-kernel's fused linear cross-entropy in place of saferlhf's
+    # checkpointed chunks (patched in by run_saferlhf; liger is not a saferlhf dependency)
+    "fused_logprob_liger": ["algo.logprob_chunk=1024"],
 }
 
-DEFAULT_VARIANTS = {"cpu": "default", "cuda": "default,checkpointing,lora,eager"}
+DEFAULT_VARIANTS = {
+    "cpu": "default",
+    "cuda": "default,packed,chunked_logprob,fused_logprob_liger,checkpointing,lora,eager",
+}
+# reduction="none" gets correct weight gradients from this version on (Liger-Kernel PR 1298)
+LIGER_MIN_VERSION = (0, 8, 2)
 
 # -- shared setup ------------------------------------------------------------------------------
 
@@ -207,6 +223,33 @@ def prompt_batches(cfg, tokenizer, iterations: int, batch: int) -> list[list[lis
     return [[ids[i] for i in order[k * batch : (k + 1) * batch]] for k in range(iterations)]
 
 
+def liger_unavailable(device: str) -> str | None:
+    """Why the ``fused_logprob_liger`` variant cannot run here, or None when it can."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if device != "cuda":
+        return "liger-kernel's Triton kernels run on CUDA only"
+    try:
+        installed = version("liger-kernel")
+    except PackageNotFoundError:
+        return "liger-kernel is not installed (pip install 'liger-kernel>=0.8.2')"
+    release = tuple(int(part) for part in installed.split(".")[:3] if part.isdigit())
+    if release < LIGER_MIN_VERSION:
+        return f"liger-kernel {installed}: needs 0.8.2 or later for per-token gradients"
+    return None
+
+
+def liger_token_log_probs(
+    hidden: torch.Tensor, head_weight: torch.Tensor, index: torch.Tensor, chunk_tokens: int
+) -> torch.Tensor:
+    """``saferlhf.losses.chunked_token_log_probs`` through liger-kernel's fused linear
+    cross-entropy, which picks its own chunks (``chunk_tokens`` only routes the update here)
+    and computes each chunk's gradient in the forward pass instead of recomputing it."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return -liger_fused_linear_cross_entropy(hidden, head_weight, index, reduction="none").float()
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -306,6 +349,7 @@ def run_saferlhf(args, paths: dict[str, Path], run_dir: Path, variant: str) -> d
     """N + W iterations of the real ``saferlhf task=ppo preference=single``."""
     from pytorch_lightning.callbacks import Callback
 
+    import saferlhf.rl.rollout as rollout_module
     import saferlhf.tasks.ppo as ppo
     from saferlhf.cli import run
 
@@ -326,24 +370,30 @@ def run_saferlhf(args, paths: dict[str, Path], run_dir: Path, variant: str) -> d
             self.times.append(time.perf_counter() - self.started)
 
     # Record the generated width (saferlhf stops when every row has ended), the padded prompt
-    # width and the real prompt tokens of each rollout; the wrapper only reads shapes.
-    shapes: list[tuple[int, int, float]] = []
+    # width, the real prompt tokens and the share of real (not padding) tokens of each
+    # rollout; the wrapper only reads shapes and masks.
+    shapes: list[tuple[int, int, float, float]] = []
     original = ppo.sample_responses
+    chunked_log_probs = rollout_module.chunked_token_log_probs
 
     def recording(actor, tokenizer, prompt_ids, **kwargs):
         rollout = original(actor, tokenizer, prompt_ids, **kwargs)
         prompt_tokens = sum(len(ids) for ids in prompt_ids) / len(prompt_ids)
-        shapes.append((rollout.prompt_width, rollout.responses.shape[1], prompt_tokens))
+        real_share = float(rollout.attention_mask.float().mean())
+        shapes.append((rollout.prompt_width, rollout.responses.shape[1], prompt_tokens, real_share))
         return rollout
 
     wall = StepWall()
     cfg = compose_cfg(*saferlhf_overrides(args, paths, variant))
     reset_peak_memory(args.device)
     ppo.sample_responses = recording
+    if variant == "fused_logprob_liger":
+        rollout_module.chunked_token_log_probs = liger_token_log_probs
     try:
         run(cfg, run_dir, callbacks=[wall])
     finally:
         ppo.sample_responses = original
+        rollout_module.chunked_token_log_probs = chunked_log_probs
     # Only rollouts are recorded: the untimed before/after evaluations sample through
     # saferlhf.evaluate.policy, not through the task module.
 
@@ -370,6 +420,9 @@ def run_saferlhf(args, paths: dict[str, Path], run_dir: Path, variant: str) -> d
         "mean_prompt_tokens": median([s[2] for s in kept_shapes]),
         "prompt_width": [s[0] for s in kept_shapes],
         "generated_width": [s[1] for s in kept_shapes],
+        # what packing keeps of each rollout's (B, P + R) cells (the update's minibatches are
+        # trimmed first, so they hold no more padding than this)
+        "real_token_share": [s[3] for s in kept_shapes],
         "stopped_early_at_eos": any(s[1] < args.new_tokens for s in kept_shapes),
         "peak_memory_gib": peak_memory_gib(args.device),
     }
@@ -700,6 +753,11 @@ def main() -> None:
             if time.perf_counter() - started > args.budget_s:
                 result["saferlhf"][variant] = {"skipped": f"over --budget-s {args.budget_s}"}
                 continue
+            unavailable = liger_unavailable(args.device) if "liger" in variant else None
+            if unavailable is not None:
+                print(f"saferlhf [{variant}]: skipped: {unavailable}", flush=True)
+                result["saferlhf"][variant] = {"skipped": unavailable}
+                continue
             try:
                 result["saferlhf"][variant] = run_saferlhf(
                     args, paths, root / f"saferlhf_{variant}", variant
@@ -775,7 +833,8 @@ def report(result: dict) -> None:
     print(
         f"          generated widths {s['generated_width']} of T={c['new_tokens']}"
         f" (stopped early at EOS: {s['stopped_early_at_eos']}),"
-        f" mean response length {[round(x, 1) for x in s['mean_response_length']]}"
+        f" mean response length {[round(x, 1) for x in s['mean_response_length']]},"
+        f" real (unpadded) token share {[round(x, 3) for x in s['real_token_share']]}"
     )
     if "missing" in t:
         print(f"TRL       MISSING: {t['missing']}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""The FLOP accounting behind experiments/bench_ppo.py's FLOP-limit fraction."""
+"""The FLOP accounting behind experiments/bench_ppo.py's FLOP-limit fraction, and when its
+liger variant can run."""
 
 import importlib.util
 from pathlib import Path
@@ -64,3 +65,23 @@ def test_the_presets_have_the_parameter_counts_their_names_say(bench):
         )["policy"]
         total = blocks + 2 * arch["vocab_size"] * arch["hidden_size"]  # embedding and LM head
         assert total / 1e9 == pytest.approx(billions, abs=0.005)
+
+
+@pytest.mark.parametrize(
+    "installed, reason",
+    [(None, "not installed"), ("0.8.1", "needs 0.8.2 or later"), ("0.8.5", None)],
+)
+def test_the_liger_variant_runs_on_cuda_with_a_liger_whose_per_token_gradients_are_right(
+    bench, monkeypatch, installed, reason
+):
+    import importlib.metadata
+
+    def version(name):
+        if installed is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert "CUDA only" in bench.liger_unavailable("cpu")
+    unavailable = bench.liger_unavailable("cuda")
+    assert unavailable is None if reason is None else reason in unavailable
