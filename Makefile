@@ -26,8 +26,8 @@ format: $(BIN)/.installed
 # every test runs torch on one thread, so two share two cores; each file stays on one worker,
 # so its module fixtures are built once.
 test: lint
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist worksteal
 
 # The quick loop: everything but the tests marked slow.
 test-fast: $(BIN)/.installed
-	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest -n 2 --dist worksteal -m "not slow"

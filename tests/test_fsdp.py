@@ -2,6 +2,7 @@
 decoding and exported, and that a sharded run computes what the DDP run on the same ranks
 computes, resumes exactly and writes folders plain transformers loads."""
 
+import contextlib
 import json
 import os
 import signal
@@ -205,24 +206,27 @@ def test_ppo_lagrangian_under_fsdp_cpu_matches_ddp_cpu_resumes_exactly_and_expor
     model = AutoModelForCausalLM.from_pretrained(policy)
     assert type(model).__name__ == "LlamaForCausalLM"
 
-    # Killed (both ranks, as a preempted job is) after its checkpoint of iteration 2, a folder of
-    # per-rank shards, then resumed: the same history and weights as the uninterrupted run, bit
-    # for bit. (Not SIGTERM: Lightning's handler broadcasts from inside the signal handler, which
-    # can meet another collective in flight and hang both ranks.)
+    # Stopped by SIGTERM (to rank 0, which passes it on) once its checkpoint of iteration 2, a
+    # folder of per-rank shards, is written; then resumed: the same history and weights as the
+    # uninterrupted run, bit for bit.
     cut = tmp_path / "cut"
     cut.mkdir()
     args = (*SMALL, *_ppo_args(artifacts), "trainer=fsdp_cpu", f"hydra.run.dir={cut}")
     process = subprocess.Popen(
         [sys.executable, "-m", "saferlhf.cli", *args],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
     )  # fmt: skip
-    lightning_state = cut / "checkpoints" / "last.ckpt" / "meta.pt"  # written after the shards
-    while not lightning_state.is_file() and process.poll() is None:
+    while not (cut / "checkpoints" / "last.ckpt").exists() and process.poll() is None:
         time.sleep(0.05)
-    time.sleep(0.2)  # for meta.pt to be written whole
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (cut / "summary.json").exists()  # killed before the end of iteration 3
+    process.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = process.communicate(timeout=300)
+    finally:  # a hang must fail the test, not leave ranks behind
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 143 and "resumes from" in stderr, stderr[-3000:]
+    assert not (cut / "summary.json").exists()
     _saferlhf(cut, *_ppo_args(artifacts), "trainer=fsdp_cpu", "ckpt_path=last")
     assert _history(cut) == fsdp
     _assert_same_weights(_weights(cut / "artifacts/policy"), _weights(policy), 0.0)

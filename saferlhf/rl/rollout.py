@@ -394,5 +394,6 @@ def token_values(critic: PreTrainedModel, rollout: Rollout, packed: bool = False
     rows = model_rows(rollout, packed)
     backbone = getattr(critic, critic.base_model_prefix)
     hidden = backbone(**rows.model_inputs()).last_hidden_state  # (rows, L, H)
-    values = critic.score(hidden[:, rows.before_response]).squeeze(-1).float()  # (rows, K)
+    # The head on every position, then the ones wanted: the same bits as training's scoring.
+    values = critic.score(hidden).squeeze(-1).float()[:, rows.before_response]  # (rows, K)
     return rows.to_response_layout(values)

@@ -4,6 +4,7 @@ and the guards every fit runs with (non-finite training stops; SIGTERM checkpoin
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -202,19 +203,25 @@ class StopOnNonFinite(Callback):
 
 
 class CheckpointOnSigterm(Callback):
-    """On SIGTERM Lightning ends the fit after the current batch by raising SIGTERMException, a
-    SystemExit with status 0; save the full state to ``path`` first, at the end of that batch
-    where the periodic checkpoints are taken too, so that ``ckpt_path=last`` resumes exactly.
+    """Stop a fit on SIGTERM at the end of a training batch, every rank at the same batch,
+    after saving the full state to ``path`` there, where the periodic checkpoints are taken
+    too, so that ``ckpt_path=last`` resumes exactly.
 
-    A SIGTERM during validation stops the fit mid-validation, a state Lightning does not resume
-    exactly (the epoch's monitored metric is lost), so nothing is saved then: ``checkpoint``
-    names the last one this fit wrote or resumed from, if any."""
+    From the start of training the SIGTERM handler only notes the signal (and passes it on to
+    the ranks this process started): Lightning's own handler broadcasts from inside the signal
+    handler, which can meet a collective already in flight (an FSDP all-gather, a DDP
+    all-reduce) and hang every rank. At the end of each batch the ranks agree whether any of
+    them was signalled; if so they save, then all raise Lightning's SIGTERMException (a
+    SystemExit with status 0) together. ``checkpoint`` names the checkpoint that resumes the
+    fit: the one saved here, or the last one this fit wrote or resumed from."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.signalled = False
         self.saved = False
         self.fit_started = math.inf
         self.resumed_from: str | None = None
+        self._trainer: pl.Trainer | None = None
 
     @property
     def checkpoint(self) -> Path | None:
@@ -231,12 +238,27 @@ class CheckpointOnSigterm(Callback):
         self.fit_started = time.time()
         self.resumed_from = trainer.ckpt_path
 
+    def on_train_start(self, trainer, pl_module):
+        # After Lightning has installed its handlers; it restores the original ones at teardown.
+        self._trainer = trainer
+        signal.signal(signal.SIGTERM, self._note_sigterm)
+
+    def _note_sigterm(self, signum, frame) -> None:
+        if not self.signalled:
+            self.signalled = True
+            launcher = self._trainer.strategy.launcher if self._trainer is not None else None
+            if launcher is not None:  # rank 0 started the other ranks: they must stop too
+                launcher.kill(signum)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if not self.saved and trainer.strategy.reduce_boolean_decision(
-            trainer.received_sigterm, all=False
-        ):
+        if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+            return
+        if not self.saved:
             trainer.save_checkpoint(self.path, weights_only=False)
             self.saved = True
+        # Lightning raises SIGTERMException once this batch ends where its flag is set: set it
+        # on every rank, so that none goes on to a collective the others never reach.
+        trainer._signal_connector.received_sigterm = True
 
 
 def gather_across_ranks(
