@@ -22,7 +22,9 @@ length-bucketed minibatches (``bucketed``), a LoRA actor (``lora``), gradient
 checkpointing (``checkpointing``), the update on packed rows (``packed``), the update's actor
 log-probs 1024 tokens at a time (``chunked_logprob``) or through liger-kernel's fused linear
 cross-entropy where it is installed (``fused_logprob_liger``, CUDA only, otherwise skipped
-with the reason); on CUDA all but ``bucketed`` and ``compiled`` by default, while
+with the reason), FSDP2 on the one device with the actor gathered once per rollout (``fsdp``)
+or layer by layer at every decoding step (``fsdp_layerwise``); on CUDA all but ``bucketed``
+and ``compiled`` by default, while
 ``--budget-s`` lasts. Each run reports generation
 tokens/s and samples/s, and decoding's fraction of the memory-bandwidth limit (the weight bytes
 one decoding step reads, over a measured copy bandwidth, give the most steps per second, each
@@ -106,11 +108,18 @@ SAFERLHF_VARIANTS = {  # name -> extra overrides
     # the same path with liger-kernel's fused linear cross-entropy in place of saferlhf's
     # checkpointed chunks (patched in by run_saferlhf; liger is not a saferlhf dependency)
     "fused_logprob_liger": ["algo.logprob_chunk=1024"],
+    # FSDP2 on this one device: the sharded code path's cost where nothing is split; the actor
+    # gathered once per rollout, or each layer at every decoding step
+    "fsdp": ["trainer.strategy=fsdp"],
+    "fsdp_layerwise": ["trainer.strategy=fsdp", "algo.gather_actor_for_decoding=false"],
 }
 
 DEFAULT_VARIANTS = {
     "cpu": "default",
-    "cuda": "default,packed,chunked_logprob,fused_logprob_liger,checkpointing,lora,eager",
+    "cuda": (
+        "default,packed,chunked_logprob,fused_logprob_liger,fsdp,fsdp_layerwise,checkpointing,"
+        "lora,eager"
+    ),
 }
 # reduction="none" gets correct weight gradients from this version on (Liger-Kernel PR 1298)
 LIGER_MIN_VERSION = (0, 8, 2)

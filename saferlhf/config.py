@@ -253,6 +253,7 @@ class PPOConfig:
     ptx_batch_size: int = MISSING
     length_bucketing: bool = MISSING  # minibatches of rows of similar length (less padding)
     compile_generation: bool | None = MISSING  # torch.compile'd fixed-shape decoding; None: CUDA
+    gather_actor_for_decoding: bool = MISSING  # fsdp: the actor's layers gathered once per rollout
     gradient_checkpointing: bool = MISSING  # actor and critics recompute activations in backward
     packed_update: bool = MISSING  # update passes on a minibatch's rows packed into one, unpadded
     logprob_chunk: int = MISSING  # > 0: the update's actor log-probs this many tokens at a time

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from saferlhf.config import PPO_STRATEGIES
 from saferlhf.models import build_causal_lm, build_score_model
 from saferlhf.models.sharding import (
-    gathered_for_decoding,
+    decoding_weights,
     inference_context,
     shard_modules,
     unsharded_copy,
@@ -73,7 +73,10 @@ def test_every_model_is_sharded_per_decoder_layer_and_exports_its_exact_weights(
     assert unsharded_copy(actor, is_global_zero=False) is None
 
 
-def test_a_sharded_actor_decodes_and_scores_as_the_plain_one(one_rank_mesh, tokenizer):
+@pytest.mark.parametrize("gather_weights", [True, False], ids=["gathered_once", "layer_by_layer"])
+def test_a_sharded_actor_decodes_and_scores_as_the_plain_one(
+    one_rank_mesh, tokenizer, gather_weights
+):
     torch.manual_seed(0)
     plain = build_causal_lm(micro_model_cfg(), tokenizer).eval()
     critic = build_score_model(micro_model_cfg(), tokenizer).eval()
@@ -88,7 +91,9 @@ def test_a_sharded_actor_decodes_and_scores_as_the_plain_one(one_rank_mesh, toke
     rollouts = []
     for model in (plain, sharded):
         torch.manual_seed(1)
-        rollouts.append(sample_responses(model, tokenizer, prompts, **sampling))
+        rollouts.append(
+            sample_responses(model, tokenizer, prompts, **sampling, gather_weights=gather_weights)
+        )
     assert torch.equal(rollouts[0].input_ids, rollouts[1].input_ids)
     torch.testing.assert_close(rollouts[0].logprobs, rollouts[1].logprobs)
     # Released after decoding: the actor holds its shards again.
@@ -106,15 +111,31 @@ def test_a_sharded_actor_decodes_and_scores_as_the_plain_one(one_rank_mesh, toke
     torch.testing.assert_close(packed_logprobs, rollouts[0].logprobs, atol=1e-5, rtol=1e-4)
 
 
-def test_gathered_for_decoding_keeps_every_layer_gathered_until_it_ends(one_rank_mesh, tokenizer):
+@pytest.mark.parametrize("gather_all", [True, False])
+def test_decoding_weights_gather_all_layers_or_one_at_a_time_and_free_them_after(
+    one_rank_mesh, tokenizer, gather_all
+):
     actor = build_causal_lm(micro_model_cfg(), tokenizer)
     shard_modules([actor], mesh=one_rank_mesh)
     ids = torch.tensor([tokenizer.encode("hello there")])
-    with torch.no_grad(), gathered_for_decoding(actor):
+    with torch.no_grad(), decoding_weights(actor, gather_all):
         actor(input_ids=ids)
-        # Unsharded parameters are plain tensors: nothing was resharded after the forward.
-        assert not any(isinstance(p, DTensor) for p in actor.model.layers[0].parameters())
+        # Gathered parameters are plain tensors, resharded ones DTensors again.
+        gathered = [not isinstance(p, DTensor) for p in actor.model.layers[0].parameters()]
+        assert all(gathered) if gather_all else not any(gathered)
     assert all(isinstance(p, DTensor) for p in actor.parameters())
+    # Training's forward then backward: the layers reshard after forward as fully_shard set.
+    actor(input_ids=ids, labels=ids).loss.backward()
+    assert all(isinstance(p, DTensor) for p in actor.parameters())
+
+
+def test_a_frozen_model_is_resharded_after_each_forward(one_rank_mesh, tokenizer):
+    reference = build_causal_lm(micro_model_cfg(), tokenizer).requires_grad_(False)
+    shard_modules([], [reference], mesh=one_rank_mesh)
+    with torch.no_grad():
+        reference(input_ids=torch.tensor([tokenizer.encode("hello there")]))
+    # Its embeddings and LM head too: no backward would ever reshard them.
+    assert all(isinstance(p, DTensor) for p in reference.parameters())
 
 
 # -- config ------------------------------------------------------------------------------------

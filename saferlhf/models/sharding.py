@@ -12,8 +12,8 @@ What sharding changes for the code that runs the models:
 
 - forwards run under ``no_grad``, not ``inference_mode`` (FSDP's all-gather hooks create
   tensors that inference mode forbids): :func:`inference_context`;
-- decoding gathers the actor's weights once and keeps them for every step
-  (:func:`gathered_for_decoding`), instead of one all-gather per layer per generated token;
+- decoding gathers the actor's weights once and keeps them for every step, instead of one
+  all-gather per layer per generated token, and frees them after (:func:`decoding_weights`);
 - artifacts are written from the full state, gathered once onto rank 0 (:func:`unsharded_copy`).
 """
 
@@ -95,13 +95,18 @@ def shard_modules(
     """``fully_shard`` each model per layer over ``mesh`` (``configure_model`` runs again for
     every fit, validate and test: a sharded model is left as it is)."""
     cpu, stay = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()), OffloadPolicy()
-    models = [(m, stay) for m in trained] + [(m, cpu if offload_frozen else stay) for m in frozen]
-    for model, offload in models:
+    models = [(m, stay, False) for m in trained]
+    models += [(m, cpu if offload_frozen else stay, True) for m in frozen]
+    for model, offload, is_frozen in models:
         if model is None or is_sharded(model):
             continue
         for unit in _sharding_units(model):
             fully_shard(unit, mesh=mesh, offload_policy=offload)
         fully_shard(model, mesh=mesh, offload_policy=offload)
+        if is_frozen:
+            # FSDP keeps a root's own weights (embeddings, LM head) gathered from forward until
+            # backward reshards them; a frozen model has no backward, so reshard after forward.
+            model.set_reshard_after_forward(True)
 
 
 def inference_context(*models: nn.Module | None) -> contextlib.AbstractContextManager:
@@ -111,22 +116,27 @@ def inference_context(*models: nn.Module | None) -> contextlib.AbstractContextMa
 
 
 @contextlib.contextmanager
-def gathered_for_decoding(model: nn.Module) -> Iterator[None]:
-    """Gather every layer of a sharded ``model`` once and keep it for all the decoding steps,
-    then free the gathered copy; without this each step would all-gather every layer again."""
+def decoding_weights(model: nn.Module, gather_all: bool) -> Iterator[None]:
+    """A sharded trained ``model``'s weights while it decodes, freed afterwards. ``gather_all``
+    gathers every layer once and keeps it for all the steps; otherwise each layer is gathered
+    at each step and freed after it (one layer's memory at a time, one all-gather per layer per
+    generated token)."""
     if not is_sharded(model):
         yield
         return
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    model.set_reshard_after_forward(False)
-    for unit in units:
-        unit.unshard()
+    if gather_all:
+        model.set_reshard_after_forward(False)
+        for unit in units:
+            unit.unshard()
     try:
         yield
     finally:
-        for unit in units:
+        for unit in units:  # the root's weights too, which no backward will reshard now
             unit.reshard()
-        model.set_reshard_after_forward(True)
+        if gather_all:  # back to fully_shard's: layers reshard after forward, the root not
+            model.set_reshard_after_forward(True)
+            model.set_reshard_after_forward(False, recurse=False)
 
 
 def local_part(tensor: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
 from saferlhf.data.collate import pad_sequences
 from saferlhf.losses import chunked_token_log_probs, selective_log_softmax
-from saferlhf.models.sharding import gathered_for_decoding, inference_context
+from saferlhf.models.sharding import decoding_weights, inference_context
 
 
 @dataclass
@@ -146,6 +146,7 @@ def sample_responses(
     top_p: float,
     static_prompt_width: int | None = None,
     compile_decoding: bool = False,
+    gather_weights: bool = True,
 ) -> Rollout:
     """Sample one response per prompt, decoding with a KV cache until every row has ended.
 
@@ -155,13 +156,14 @@ def sample_responses(
     log-probability of each sampled token under the actor's raw logits (``Rollout.logprobs``).
     ``static_prompt_width`` left pads the prompts to a fixed width, so that the decoding step
     has the same shapes in every call; ``compile_decoding`` then runs it through
-    ``torch.compile`` (CUDA graphs on a GPU).
+    ``torch.compile`` (CUDA graphs on a GPU). A sharded actor's layers are gathered once for
+    all the steps (``gather_weights``), or else each layer again at every step.
     """
     # Eval mode: no dropout, and gradient checkpointing (active in train mode) drops the cache.
     was_training = actor.training
     actor.eval()
     try:
-        with inference_context(actor), gathered_for_decoding(actor):
+        with inference_context(actor), decoding_weights(actor, gather_all=gather_weights):
             rollout = _decode(
                 actor,
                 tokenizer,

@@ -318,6 +318,7 @@ def ppo_task(run: RunContext) -> TaskResult:
         cfg.eval.sampling,
         static_prompt_width=static_prompt_width,
         compile_decoding=static_prompt_width is not None,
+        gather_weights=algo.gather_actor_for_decoding,
     )
     gold = cfg.data.source == "benchmark"
     fixed_eval = FixedPromptEval(
