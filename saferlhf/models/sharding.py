@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import torch
 from pytorch_lightning import LightningModule
@@ -38,10 +37,8 @@ class ShardedDataParallel(ModelParallelStrategy):
     per rank, that resume exactly. ``offload_frozen`` keeps the frozen models' shards in CPU
     memory, copied to the device layer by layer as they run."""
 
-    strategy_name = "fsdp2"
-
-    def __init__(self, offload_frozen: bool = False, **kwargs: Any):
-        super().__init__(save_distributed_checkpoint=True, **kwargs)
+    def __init__(self, offload_frozen: bool = False):
+        super().__init__(save_distributed_checkpoint=True)
         self.offload_frozen = offload_frozen
 
     def setup_environment(self) -> None:
