@@ -396,6 +396,7 @@ def token_values(critic: PreTrainedModel, rollout: Rollout, packed: bool = False
     rows = model_rows(rollout, packed)
     backbone = getattr(critic, critic.base_model_prefix)
     hidden = backbone(**rows.model_inputs()).last_hidden_state  # (rows, L, H)
-    # The head on every position, then the ones wanted: the same bits as training's scoring.
+    # The head on every position, then the ones wanted: a matmul over fewer rows can round
+    # differently, and the padded path keeps the bits it had before packing existed.
     values = critic.score(hidden).squeeze(-1).float()[:, rows.before_response]  # (rows, K)
     return rows.to_response_layout(values)
