@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from saferlhf.run import TaskResult, write_atomically, write_run_files
-from tests.tiny import save_micro_artifacts
+from tests.tiny import ppo_history, save_micro_artifacts
 
 SAFERLHF = Path(sys.executable).with_name("saferlhf")  # the console script of this venv
 QUIET = ("logger=none", "num_threads=1", "trainer.enable_progress_bar=false")
@@ -254,11 +254,6 @@ def _terminate_once_training_checkpointed(
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
-def _history(run_dir: Path) -> list[dict[str, float]]:
-    history = json.loads((run_dir / "ppo_history.json").read_text())
-    return [{k: v for k, v in h.items() if not k.startswith("time/")} for h in history]
-
-
 @pytest.mark.slow
 def test_sigterm_mid_ppo_exits_143_and_the_printed_command_resumes_it_exactly(tmp_path, artifacts):
     overrides = tiny_ppo(artifacts, "algo.iterations=10", "task.checkpoint_every=1")
@@ -273,8 +268,8 @@ def test_sigterm_mid_ppo_exits_143_and_the_printed_command_resumes_it_exactly(tm
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     whole = saferlhf(tmp_path / "whole", *overrides)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    assert len(_history(tmp_path / "cut")) == 10
-    assert _history(tmp_path / "cut") == _history(tmp_path / "whole")
+    assert len(ppo_history(tmp_path / "cut")) == 10
+    assert ppo_history(tmp_path / "cut") == ppo_history(tmp_path / "whole")
 
 
 def test_sigterm_mid_fit_exits_143_with_a_checkpoint_and_no_summary(tmp_path):

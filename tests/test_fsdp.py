@@ -29,7 +29,7 @@ from saferlhf.models.sharding import (
 )
 from saferlhf.rl.config import decodes_compiled
 from saferlhf.rl.rollout import response_log_probs, sample_responses, token_values
-from tests.tiny import benchmark_tokenizer, micro_model_cfg, save_micro_artifacts
+from tests.tiny import benchmark_tokenizer, micro_model_cfg, ppo_history, save_micro_artifacts
 
 
 @pytest.fixture
@@ -196,11 +196,6 @@ def _ppo_args(artifacts):
     )  # fmt: skip
 
 
-def _history(run_dir):
-    history = json.loads((run_dir / "ppo_history.json").read_text())
-    return [{k: v for k, v in h.items() if not k.startswith("time/")} for h in history]
-
-
 # Sharding changes where sums happen (reduce-scatter then shards, instead of an all-reduce of
 # whole gradients), so float32 results agree to rounding: about 1e-7 relative per step,
 # compounded over a few AdamW steps. A real difference (a rank's data, a skipped gradient
@@ -216,7 +211,7 @@ def test_ppo_lagrangian_under_fsdp_cpu_matches_ddp_cpu_resumes_exactly_and_expor
     for strategy in ("ddp_cpu", "fsdp_cpu"):
         (tmp_path / strategy).mkdir()
         _saferlhf(tmp_path / strategy, *_ppo_args(artifacts), f"trainer={strategy}")
-    ddp, fsdp = (_history(tmp_path / s) for s in ("ddp_cpu", "fsdp_cpu"))
+    ddp, fsdp = (ppo_history(tmp_path / s) for s in ("ddp_cpu", "fsdp_cpu"))
     assert len(fsdp) == 3
     assert fsdp == [pytest.approx(h, rel=RTOL, abs=ATOL) for h in ddp]
     for history in (ddp, fsdp):
@@ -249,7 +244,7 @@ def test_ppo_lagrangian_under_fsdp_cpu_matches_ddp_cpu_resumes_exactly_and_expor
     assert process.returncode == 143 and "resumes from" in stderr, stderr[-3000:]
     assert not (cut / "summary.json").exists()
     _saferlhf(cut, *_ppo_args(artifacts), "trainer=fsdp_cpu", "ckpt_path=last")
-    assert _history(cut) == fsdp
+    assert ppo_history(cut) == fsdp
     _assert_same_weights(_weights(cut / "artifacts/policy"), _weights(policy), 0.0)
 
 

@@ -39,7 +39,13 @@ from saferlhf.tasks.common import (
     non_finite,
     non_finite_message,
 )
-from tests.tiny import Interrupt, InterruptAt, benchmark_tokenizer, micro_model_cfg
+from tests.tiny import (
+    Interrupt,
+    InterruptAt,
+    benchmark_tokenizer,
+    micro_model_cfg,
+    ppo_history,
+)
 
 
 @pytest.fixture(scope="module")
@@ -788,10 +794,7 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_changes_no_result(
         counter = CountActorGradForwards()
         run(cfg, tmp_path / str(checkpointing), callbacks=[counter])
         calls.append(counter.calls)
-        history = json.loads((tmp_path / str(checkpointing) / "ppo_history.json").read_text())
-        histories.append(
-            [{k: v for k, v in h.items() if not k.startswith("time/")} for h in history]
-        )
+        histories.append(ppo_history(tmp_path / str(checkpointing)))
     passes = 2 * cfg.algo.ppo_epochs * (cfg.algo.rollout_batch_size // cfg.algo.minibatch_size)
     assert calls == [passes, 2 * passes]
     assert histories[1] == [pytest.approx(h, rel=1e-5, abs=1e-6) for h in histories[0]]
@@ -807,10 +810,7 @@ def test_a_packed_chunked_ppo_lagrangian_run_trains_as_the_padded_one(
     ]:
         cfg = _ppo(compose_cfg, untrained_artifacts, "algo.iterations=2", *overrides)
         run(cfg, tmp_path / name)
-        history = json.loads((tmp_path / name / "ppo_history.json").read_text())
-        histories.append(
-            [{k: v for k, v in h.items() if not k.startswith("time/")} for h in history]
-        )
+        histories.append(ppo_history(tmp_path / name))
     assert histories[0][-1]["train/actor_loss"] != 0
     assert histories[1] == [pytest.approx(h, rel=1e-4, abs=1e-5) for h in histories[0]]
 

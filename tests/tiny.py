@@ -1,6 +1,8 @@
 """Shared test helpers: a micro model config, a tokenizer trained on benchmark text, untrained
-micro artifacts, and a callback that stands in for a killed process."""
+micro artifacts, a PPO run's history without its timings, and a callback that stands in for a
+killed process."""
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -70,3 +72,9 @@ class InterruptAt(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.batch_idx or trainer.global_step == self.global_step:
             raise Interrupt
+
+
+def ppo_history(run_dir: Path) -> list[dict[str, float]]:
+    """A PPO run's ``ppo_history.json`` without its ``time/*`` entries, which no two runs share."""
+    history = json.loads((run_dir / "ppo_history.json").read_text())
+    return [{k: v for k, v in h.items() if not k.startswith("time/")} for h in history]
