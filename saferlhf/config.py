@@ -150,6 +150,9 @@ class SupervisedTaskConfig(TaskConfig):
     accumulate_grad_batches: int = MISSING
     monitor: str = MISSING  # validation metric that picks the best checkpoint
     monitor_mode: str = "max"  # max | min
+    # The monitor's best possible value (1.0 for an accuracy): the fit stops once a validation
+    # reaches it, since no later epoch could be picked; None trains every epoch.
+    monitor_bound: float | None = None
     checkpoint_every_n_steps: int = MISSING  # how often last.ckpt is refreshed mid-epoch
 
 

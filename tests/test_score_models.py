@@ -238,3 +238,24 @@ def test_ddp_cpu_sees_every_training_pair_once_per_epoch(tmp_path):
     # 301 annotated + 150 corrupted pairs; odd count: one rank gets a weight-0 slot, none repeats
     assert per_epoch == [451.0, 451.0]
     assert read_summary(tmp_path)["metrics"]["val/accuracy"] > 0.6
+
+
+def _epochs_trained(run_dir: Path) -> int:
+    rows = list(csv.DictReader((run_dir / "csv" / "version_0" / "metrics.csv").open()))
+    return len({row["epoch"] for row in rows if row.get("train/loss")})
+
+
+def test_a_fit_stops_at_the_first_validation_that_reaches_the_monitor_bound(compose_cfg, tmp_path):
+    """Stopped there, the fit keeps that epoch's checkpoint, as a full fit does when no later
+    epoch beats it (the quickstart's cost model reaches sign accuracy 1.0 in its first epoch)."""
+    overrides = ("task=cost", *SMALL, "task.max_epochs=3", "trainer.log_every_n_steps=1")
+    stopped = run(compose_cfg(*overrides, "task.monitor_bound=0.95"), tmp_path / "stopped")
+    full = run(compose_cfg(*overrides, "task.monitor_bound=null"), tmp_path / "full")
+    assert (_epochs_trained(tmp_path / "stopped"), _epochs_trained(tmp_path / "full")) == (1, 3)
+    first_epoch = next(
+        row
+        for row in csv.DictReader((tmp_path / "full" / "csv" / "version_0" / "metrics.csv").open())
+        if row.get("val/sign_accuracy")
+    )
+    assert stopped["val/sign_accuracy"] == pytest.approx(float(first_epoch["val/sign_accuracy"]))
+    assert 0.95 <= stopped["val/sign_accuracy"] < full["val/sign_accuracy"]

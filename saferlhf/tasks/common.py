@@ -3,6 +3,7 @@ and the guards every fit runs with (non-finite training stops; SIGTERM checkpoin
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import time
@@ -16,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -25,6 +27,8 @@ from saferlhf.errors import ConfigError, UserError
 from saferlhf.models import build_tokenizer, save_artifact
 from saferlhf.models.sharding import ShardedDataParallel, local_part, unsharded_copy
 from saferlhf.run import RunContext
+
+log = logging.getLogger(__name__)
 
 
 class ConfigPathError(ConfigError, FileNotFoundError):
@@ -284,7 +288,8 @@ def fit_and_validate_best(
 ) -> FitResult:
     """Fit ``module`` (resuming from ``ckpt_path`` when set) keeping the best checkpoint by
     ``task.monitor`` and a ``last.ckpt`` refreshed mid-epoch, then validate the best
-    checkpoint, whose weights stay loaded in ``module``."""
+    checkpoint, whose weights stay loaded in ``module``. With ``task.monitor_bound`` set the
+    fit stops at the first validation that reaches it."""
     task = run.cfg.task
     checkpoints = run.run_dir / "checkpoints"
     best = ModelCheckpoint(
@@ -296,13 +301,37 @@ def fit_and_validate_best(
         save_top_k=0,
         every_n_train_steps=task.checkpoint_every_n_steps,
     )
-    trainer = build_trainer(run, task, [best, last])
+    callbacks: list[Callback] = [best, last]
+    if task.monitor_bound is not None:
+        callbacks.append(StopAtBound(task.monitor, task.monitor_mode, task.monitor_bound))
+    trainer = build_trainer(run, task, callbacks)
     trainer.fit(module, datamodule=data, ckpt_path=resolve_ckpt_path(run.cfg, run.run_dir))
     (metrics,) = trainer.validate(
         module, datamodule=data, ckpt_path=best.best_model_path, verbose=False
     )
     metrics = {name: float(value) for name, value in metrics.items()}
     return FitResult(trainer, metrics, best.best_model_path)
+
+
+class StopAtBound(Callback):
+    """Stop the fit once ``monitor`` reaches ``bound``, its best possible value (1.0 for an
+    accuracy): the best checkpoint keeps the first epoch of a tie, so no later epoch could be
+    picked, and the fit ends with the same best checkpoint it would have picked anyway."""
+
+    def __init__(self, monitor: str, mode: str, bound: float):
+        self.monitor, self.bound = monitor, bound
+        self.reached = (lambda value: value >= bound) if mode == "max" else (lambda v: v <= bound)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        if not fitting or value is None or not self.reached(float(value)):
+            return
+        log.info(
+            "%s reached %s, its best possible value, at %s: stopping, as no later epoch could "
+            "be picked", self.monitor, self.bound, training_position(trainer),
+        )  # fmt: skip
+        trainer.should_stop = True
 
 
 def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:

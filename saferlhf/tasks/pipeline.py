@@ -13,10 +13,11 @@ otherwise it reruns and the log says why, naming the first differing key. With
 ``ckpt_path=last`` an unfinished stage with the same config resumes from its last.ckpt.
 
 With ``task.workers`` > 1 a stage starts as soon as the stages it takes artifacts from have
-finished and a worker is free, earlier stages first; each runs the ``saferlhf`` command in its
-own process with the same overrides, ``num_threads`` set to this run's threads divided among
-the workers (so that two stages never fight over the cores), its output in
-``<stage>/stage.log``. A refused or failed stage stops the others, as SIGTERM does: they save
+finished and a worker is free, earlier stages first; each runs in its own process, forked from
+this one (so it starts without importing torch and the rest again, about 10 s a stage on one
+thread), with ``num_threads`` set to this run's threads divided among the workers (so that two
+stages never fight over the cores), its output in ``<stage>/stage.log`` and its log in
+``<stage>/cli.log``. A refused or failed stage stops the others, as SIGTERM does: they save
 their state, and the pipeline's resume command picks them up. ``timeline.json`` in the run dir
 says when each stage ran.
 """
@@ -25,10 +26,12 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 import signal
-import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -302,7 +305,7 @@ def run_in_order(run: RunContext, stages: list, user: list[str], finished: Finis
 @dataclass
 class RunningStage:
     planned: PlannedStage
-    process: subprocess.Popen
+    process: multiprocessing.process.BaseProcess
     started: float
 
 
@@ -331,7 +334,7 @@ def run_concurrently(
             if not running:
                 continue  # a reused stage made others ready
             done = _wait_for_one(running, stopping)
-            if done.process.returncode != 0:
+            if done.process.exitcode != 0:
                 raise _stage_error(done)
             log.info(
                 "stage %s finished in %.0f s", done.planned.stage.name,
@@ -350,16 +353,58 @@ def _next_ready(pending: list, artifacts: Mapping[str, Any]):
 
 def _start(planned: PlannedStage, started: float) -> RunningStage:
     planned.stage_dir.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable, "-m", "saferlhf.cli", *planned.overrides,
-        f"hydra.run.dir={planned.stage_dir}",
-    ]  # fmt: skip
-    with (planned.stage_dir / "stage.log").open("w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    # Forked: the child has every module this process imported. Nothing here has run a torch
+    # op, so no thread pool is copied half-alive into the child.
+    process = multiprocessing.get_context("fork").Process(
+        target=_stage_process, args=(planned,), name=f"saferlhf-{planned.stage.name}"
+    )
+    process.start()
     log.info(
         "stage %s started (its output: %s)", planned.stage.name, planned.stage_dir / "stage.log"
     )
     return RunningStage(planned, process, started)
+
+
+def _stage_process(planned: PlannedStage) -> None:
+    """A stage's own process: the same run as ``saferlhf`` with the stage's overrides, with
+    its exit status (0, 2 refused, 143 stopped by SIGTERM, 1 on a bug)."""
+    from saferlhf.cli import EXIT_REFUSED, EXIT_SIGTERM, preempted_message, report
+    from saferlhf.cli import run as run_stage
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pipeline's handler only sets its flag
+    with (planned.stage_dir / "stage.log").open("w") as output:
+        os.dup2(output.fileno(), sys.stdout.fileno())
+        os.dup2(output.fileno(), sys.stderr.fileno())
+    _log_to(planned.stage_dir / "cli.log")
+    status = 1
+    try:
+        run_stage(planned.cfg, planned.stage_dir)
+        status = 0
+    except UserError as error:
+        report(str(error))
+        status = EXIT_REFUSED
+    except Preempted as stop:
+        report(preempted_message(stop, planned.overrides, str(planned.stage_dir)))
+        status = EXIT_SIGTERM
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)  # not the pipeline's exit handlers, which the fork copied
+
+
+def _log_to(path: Path) -> None:
+    """Point the log files this process inherited (the pipeline's cli.log) at ``path``."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        replacement = logging.FileHandler(path)
+        replacement.setFormatter(handler.formatter)
+        replacement.setLevel(handler.level)
+        root.removeHandler(handler)
+        handler.close()
+        root.addHandler(replacement)
 
 
 class _SigtermFlag:
@@ -386,7 +431,7 @@ def _wait_for_one(running: dict[str, RunningStage], stopping: _SigtermFlag) -> R
             checkpoints = [s.planned.stage_dir / "checkpoints" / "last.ckpt" for s in stopped]
             raise Preempted(next((c for c in checkpoints if c.exists()), None))
         for name, stage in running.items():
-            if stage.process.poll() is not None:
+            if stage.process.exitcode is not None:
                 return running.pop(name)
         time.sleep(0.2)
 
@@ -394,10 +439,10 @@ def _wait_for_one(running: dict[str, RunningStage], stopping: _SigtermFlag) -> R
 def _stop(stages) -> None:
     """SIGTERM every running stage and wait for it: each saves its state first."""
     for stage in stages:
-        if stage.process.poll() is None:
-            stage.process.send_signal(signal.SIGTERM)
+        if stage.process.exitcode is None:
+            stage.process.terminate()  # SIGTERM
     for stage in stages:
-        stage.process.wait()
+        stage.process.join()
 
 
 def _stage_error(done: RunningStage) -> Exception:
@@ -409,7 +454,7 @@ def _stage_error(done: RunningStage) -> Exception:
         return UserError(f"stage {name}: {refusal.removeprefix('saferlhf: error: ')}")
     tail = "\n".join(lines[-20:])
     return RuntimeError(
-        f"stage {name} failed (exit {done.process.returncode}); {log_file} ends:\n{tail}"
+        f"stage {name} failed (exit {done.process.exitcode}); {log_file} ends:\n{tail}"
     )
 
 
