@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from saferlhf.cli import run
 from saferlhf.data.benchmark import generate_benchmark
-from saferlhf.data.collate import format_conversation, format_prompt
+from saferlhf.data.collate import SAFE_RLHF, format_conversation
 from saferlhf.data.module import list_loader
 from saferlhf.data.schema import empty_harm_categories
 from saferlhf.data.sources import load_data
@@ -128,7 +128,7 @@ def test_response_log_likelihood_matches_a_token_loop_over_the_response():
         expected = []
         for response_of in (lambda p: p.chosen, lambda p: p.rejected):
             for pair in pairs:
-                prompt = tokenizer(format_prompt(pair.prompt), add_special_tokens=False)
+                prompt = tokenizer(SAFE_RLHF.prompt(pair.prompt), add_special_tokens=False)
                 full = tokenizer(
                     format_conversation(pair.prompt, response_of(pair)), add_special_tokens=False
                 )

@@ -158,6 +158,10 @@ def test_stages_side_by_side_give_what_they_give_in_order_and_overlap_in_time(tm
     config = (tmp_path / "side_by_side" / "small" / "config.yaml").read_text()
     assert "num_threads: 1" in config
     assert (tmp_path / "side_by_side" / "small" / "stage.log").exists()
+    # Forked from the pipeline, each stage logs to its own cli.log, not to the pipeline's.
+    assert "saferlhf.cli" in (tmp_path / "side_by_side" / "small" / "cli.log").read_text()
+    pipeline_log = (tmp_path / "side_by_side" / "cli.log").read_text()
+    assert str(tmp_path / "side_by_side" / "small" / "summary.json") not in pipeline_log
 
 
 @pytest.mark.slow

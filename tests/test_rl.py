@@ -21,9 +21,9 @@ from saferlhf.rl.rollout import (
     Rollout,
     minibatch_rows,
     packed_rows,
+    padded_rows,
     positions_from_mask,
     response_log_probs,
-    response_logits,
     response_mask_until_eos,
     sample_from_logits,
     sample_responses,
@@ -170,7 +170,8 @@ def test_decoding_keeps_the_log_probs_and_entropy_a_full_forward_pass_gives(toke
     rollout = sample_responses(policy, tokenizer, prompt_ids, 10, 1.0, 0, 1.0)
     mask = rollout.response_mask
     with torch.no_grad():
-        logits = response_logits(policy, rollout)
+        rows = padded_rows(rollout)  # the logits predicting each response token, (B, R, V)
+        logits = policy(**rows.model_inputs(), logits_to_keep=rows.before_response).logits
         torch.testing.assert_close(
             rollout.logprobs, response_log_probs(policy, rollout) * mask, atol=1e-5, rtol=1e-4
         )

@@ -20,7 +20,6 @@ from saferlhf.data.collate import (
     encode_sft_examples,
     encode_windows,
     format_conversation,
-    format_prompt,
     keep_prompt_end,
     keep_response_end,
     keep_response_start,
@@ -131,10 +130,10 @@ def test_conversations_that_fit_are_tokenized_as_before(tokenizer):
     for (ids, labels), prompt in zip(
         encode_sft_examples(tokenizer, prompts, responses, 128).examples, prompts, strict=True
     ):
-        masked = len(ids_of(tokenizer, format_prompt(prompt)))
+        masked = len(ids_of(tokenizer, SAFE_RLHF.prompt(prompt)))
         assert labels == [-100] * masked + ids[masked:]
     assert encode_prompts(tokenizer, prompts, 128).examples == [
-        ids_of(tokenizer, format_prompt(p)) for p in prompts
+        ids_of(tokenizer, SAFE_RLHF.prompt(p)) for p in prompts
     ]
 
 
@@ -193,7 +192,7 @@ def test_generation_prompts_keep_the_template_and_the_cue(tokenizer):
     assert tokenizer.decode(long).startswith(SAFE_RLHF.head) and tokenizer.decode(long).endswith(
         SAFE_RLHF.marker
     )
-    assert short == ids_of(tokenizer, format_prompt("hi"))
+    assert short == ids_of(tokenizer, SAFE_RLHF.prompt("hi"))
 
 
 def test_moderation_windows_see_every_response_token(tokenizer):

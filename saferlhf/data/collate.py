@@ -90,10 +90,6 @@ def end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str:
     return token
 
 
-def format_prompt(prompt: str, template: Template = SAFE_RLHF) -> str:
-    return template.prompt(prompt)
-
-
 def format_conversation(prompt: str, response: str, template: Template = SAFE_RLHF) -> str:
     return template.conversation(prompt, response)
 

@@ -340,11 +340,6 @@ def _logits_before_response(model: PreTrainedModel, rows: ModelRows) -> torch.Te
     return model(**rows.model_inputs(), logits_to_keep=rows.before_response).logits
 
 
-def response_logits(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
-    """Logits predicting each response token, ``(B, R, V)``."""
-    return _logits_before_response(model, padded_rows(rollout))
-
-
 def response_log_probs(
     model: PreTrainedModel, rollout: Rollout, packed: bool = False, chunk_tokens: int = 0
 ) -> torch.Tensor:
