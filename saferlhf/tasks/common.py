@@ -320,7 +320,9 @@ class StopAtBound(Callback):
 
     def __init__(self, monitor: str, mode: str, bound: float):
         self.monitor, self.bound = monitor, bound
-        self.reached = (lambda value: value >= bound) if mode == "max" else (lambda v: v <= bound)
+        self.reached = (
+            (lambda value: value >= bound) if mode == "max" else (lambda value: value <= bound)
+        )
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         value = trainer.callback_metrics.get(self.monitor)
