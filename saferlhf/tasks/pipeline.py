@@ -354,7 +354,8 @@ def _next_ready(pending: list, artifacts: Mapping[str, Any]):
 def _start(planned: PlannedStage, started: float) -> RunningStage:
     planned.stage_dir.mkdir(parents=True, exist_ok=True)
     # Forked: the child has every module this process imported. Nothing here has run a torch
-    # op, so no thread pool is copied half-alive into the child.
+    # op or touched CUDA, so no thread pool is copied half-alive into the child and the child
+    # can still initialise CUDA itself.
     process = multiprocessing.get_context("fork").Process(
         target=_stage_process, args=(planned,), name=f"saferlhf-{planned.stage.name}"
     )
