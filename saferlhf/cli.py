@@ -118,6 +118,16 @@ def preempted_message(stop: Preempted, overrides: Sequence[str], run_dir: str) -
     )
 
 
+def report_stop(stop: UserError | Preempted, overrides: Sequence[str], run_dir: str) -> int:
+    """Print why the run stopped as its one ``saferlhf: error:`` line, and return the exit
+    status that says so: refused, or stopped by SIGTERM (with the command that resumes it)."""
+    if isinstance(stop, Preempted):
+        report(preempted_message(stop, overrides, run_dir))
+        return EXIT_SIGTERM
+    report(str(stop))
+    return EXIT_REFUSED
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _run_job(cfg: DictConfig) -> float | None:
     """One job; it returns its objective (``objective.*``) to a sweeper, None when none is set
@@ -125,19 +135,18 @@ def _run_job(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = hydra_cfg.runtime.output_dir
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    overrides = list(hydra_cfg.overrides.task)
     try:
         # From the metrics, not summary.json: under DDP only rank 0 writes that.
         return run_objective(cfg.objective, run(cfg, Path(run_dir)))
     except UserError as error:
         if not multirun:
-            report(str(error))
-            raise SystemExit(EXIT_REFUSED) from None
+            raise SystemExit(report_stop(error, overrides, run_dir)) from None
         # The sweep goes on; UnfinishedJobs names this job again when the sweep ends.
         report(f"job {hydra_cfg.job.num} ({job_name()}): {error}")
         return None
     except Preempted as stop:
-        report(preempted_message(stop, list(hydra_cfg.overrides.task), run_dir))
-        raise SystemExit(EXIT_SIGTERM) from None
+        raise SystemExit(report_stop(stop, overrides, run_dir)) from None
 
 
 def url_with_credentials(overrides: Sequence[str]) -> str | None:

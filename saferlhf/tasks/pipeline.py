@@ -369,7 +369,7 @@ def _start(planned: PlannedStage, started: float) -> RunningStage:
 def _stage_process(planned: PlannedStage) -> None:
     """A stage's own process: the same run as ``saferlhf`` with the stage's overrides, with
     its exit status (0, 2 refused, 143 stopped by SIGTERM, 1 on a bug)."""
-    from saferlhf.cli import EXIT_REFUSED, EXIT_SIGTERM, preempted_message, report
+    from saferlhf.cli import report_stop
     from saferlhf.cli import run as run_stage
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pipeline's handler only sets its flag
@@ -381,12 +381,8 @@ def _stage_process(planned: PlannedStage) -> None:
     try:
         run_stage(planned.cfg, planned.stage_dir)
         status = 0
-    except UserError as error:
-        report(str(error))
-        status = EXIT_REFUSED
-    except Preempted as stop:
-        report(preempted_message(stop, planned.overrides, str(planned.stage_dir)))
-        status = EXIT_SIGTERM
+    except (UserError, Preempted) as stop:
+        status = report_stop(stop, planned.overrides, str(planned.stage_dir))
     except BaseException:
         traceback.print_exc()
     finally:
