@@ -225,6 +225,12 @@ def test_missing_checkpoint_is_named(compose_cfg, tmp_path):
         run(compose_cfg("task=reward", *SMALL, "ckpt_path=last"), tmp_path)
 
 
+def _logged(run_dir: Path, metric: str) -> list[dict[str, str]]:
+    """The rows of a run's CSV log (logger=csv) that hold ``metric``."""
+    rows = csv.DictReader((run_dir / "csv" / "version_0" / "metrics.csv").read_text().splitlines())
+    return [row for row in rows if row.get(metric)]
+
+
 @pytest.mark.slow
 def test_ddp_cpu_sees_every_training_pair_once_per_epoch(tmp_path):
     result = subprocess.run(
@@ -233,16 +239,10 @@ def test_ddp_cpu_sees_every_training_pair_once_per_epoch(tmp_path):
         capture_output=True, text=True, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()))
-    per_epoch = [float(r["train/epoch_pairs"]) for r in rows if r.get("train/epoch_pairs")]
+    per_epoch = [float(r["train/epoch_pairs"]) for r in _logged(tmp_path, "train/epoch_pairs")]
     # 301 annotated + 150 corrupted pairs; odd count: one rank gets a weight-0 slot, none repeats
     assert per_epoch == [451.0, 451.0]
     assert read_summary(tmp_path)["metrics"]["val/accuracy"] > 0.6
-
-
-def _epochs_trained(run_dir: Path) -> int:
-    rows = list(csv.DictReader((run_dir / "csv" / "version_0" / "metrics.csv").open()))
-    return len({row["epoch"] for row in rows if row.get("train/loss")})
 
 
 def test_a_fit_stops_at_the_first_validation_that_reaches_the_monitor_bound(compose_cfg, tmp_path):
@@ -251,11 +251,11 @@ def test_a_fit_stops_at_the_first_validation_that_reaches_the_monitor_bound(comp
     overrides = ("task=cost", *SMALL, "task.max_epochs=3", "trainer.log_every_n_steps=1")
     stopped = run(compose_cfg(*overrides, "task.monitor_bound=0.95"), tmp_path / "stopped")
     full = run(compose_cfg(*overrides, "task.monitor_bound=null"), tmp_path / "full")
-    assert (_epochs_trained(tmp_path / "stopped"), _epochs_trained(tmp_path / "full")) == (1, 3)
-    first_epoch = next(
-        row
-        for row in csv.DictReader((tmp_path / "full" / "csv" / "version_0" / "metrics.csv").open())
-        if row.get("val/sign_accuracy")
-    )
+    epochs_trained = [
+        len({row["epoch"] for row in _logged(tmp_path / name, "train/loss")})
+        for name in ("stopped", "full")
+    ]
+    assert epochs_trained == [1, 3]
+    first_epoch = _logged(tmp_path / "full", "val/sign_accuracy")[0]
     assert stopped["val/sign_accuracy"] == pytest.approx(float(first_epoch["val/sign_accuracy"]))
     assert 0.95 <= stopped["val/sign_accuracy"] < full["val/sign_accuracy"]
