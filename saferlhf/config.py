@@ -189,11 +189,14 @@ class SamplingConfig:
 
 @dataclass
 class EvalConfig:
-    """How policies are judged: one seeded response to each of a fixed prompt set. task=ppo and
-    task=dpo (initial and final policy), task=evaluate and task=generate read it; PPO's rollouts
-    sample with the same settings."""
+    """How policies are judged: seeded responses to a fixed prompt set. task=ppo and task=dpo
+    (initial and final policy), task=evaluate and task=generate read it; PPO's rollouts sample
+    with the same settings."""
 
     num_prompts: int = MISSING  # a seeded subset of the test split's distinct prompts
+    # Responses sampled per prompt by task=evaluate and PPO's and DPO's initial/final gold
+    # metrics (task=generate answers once); one response is a noisy estimate of a policy.
+    responses_per_prompt: int = MISSING
     seed: int = MISSING  # picks the prompts and seeds the sampling
     batch_size: int = MISSING  # prompts per generate call and per scoring batch
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -495,6 +498,7 @@ RANGES: dict[str, Interval] = {
     "task.checkpoint_every_n_steps": AT_LEAST_ONE,
     "task.checkpoint_every": AT_LEAST_ONE,
     "eval.num_prompts": AT_LEAST_ONE,
+    "eval.responses_per_prompt": AT_LEAST_ONE,
     "task.sample_every": NON_NEGATIVE,
     "model.lr.*": POSITIVE,
     "*lr": POSITIVE,  # task.lr, algo.actor_lr, algo.critic_lr, lagrange.lambda_lr

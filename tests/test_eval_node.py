@@ -48,7 +48,8 @@ def policy_dir(tmp_path_factory):
 def test_generate_answers_the_prompts_evaluate_judges_with_its_responses(
     compose_cfg, policy_dir, tmp_path
 ):
-    judged_as = ("eval.num_prompts=10", "eval.batch_size=4", "eval.sampling.max_new_tokens=8")
+    # 8 prompts in batches of 4: evaluate's first round is generate's two batches exactly.
+    judged_as = ("eval.num_prompts=8", "eval.batch_size=4", "eval.sampling.max_new_tokens=8")
     common = ("logger=none", "trainer.enable_progress_bar=false", *SMALL_DATA, *judged_as)
     run(
         compose_cfg("task=evaluate", *common, f"+task.policies.sft={policy_dir}"),
@@ -56,7 +57,9 @@ def test_generate_answers_the_prompts_evaluate_judges_with_its_responses(
     )
     run(compose_cfg("task=generate", *common, f"policy_path={policy_dir}"), tmp_path / "generate")
     lines = (tmp_path / "evaluate" / "eval_responses.jsonl").read_text().splitlines()
-    evaluated = [(row["prompt"], row["response"]) for row in map(json.loads, lines)]
+    rows = list(map(json.loads, lines))
+    assert len(rows) == 8 * 8  # eval.responses_per_prompt: 8 rounds
+    evaluated = [(row["prompt"], row["response"]) for row in rows if row["round"] == 0]
     lines = (tmp_path / "generate" / "generations.jsonl").read_text().splitlines()
     generated = [(row["prompt"], row["response"]) for row in map(json.loads, lines)]
-    assert len(evaluated) == 10 and generated == evaluated
+    assert len(evaluated) == 8 and generated == evaluated

@@ -4,6 +4,7 @@ three tiny untrained policies (two of them the same folder) with reward, cost an
 import json
 import re
 import socket
+import statistics
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
@@ -22,9 +23,12 @@ from saferlhf.errors import ConfigError
 from saferlhf.evaluate import judge
 from saferlhf.evaluate.gold import gold_metrics
 from saferlhf.evaluate.policy import (
+    answered_prompts,
     arena_counts,
     category_key,
     flag_rates,
+    interval,
+    mean_and_standard_error,
     pairwise_outcomes,
     read_prompts_file,
     win_rate,
@@ -79,6 +83,30 @@ def test_pairwise_outcomes_and_win_rate_with_ties():
     assert forward.rate + backward.rate == pytest.approx(1.0)
     with pytest.raises(ValueError):
         pairwise_outcomes([1.0], [1.0, 2.0])
+
+
+def test_answered_prompts_come_in_rounds():
+    assert answered_prompts(["a", "b", "c"], 2) == ["a", "b", "c", "a", "b", "c"]
+    assert answered_prompts(["a", "b"], 1) == ["a", "b"]
+
+
+def test_mean_and_standard_error_take_the_prompt_as_the_unit():
+    # Three prompts answered twice, in rounds: per-prompt means 0.5, 1.0 and 0.0.
+    values = [0.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+    mean, error = mean_and_standard_error(values, num_prompts=3)
+    assert mean == pytest.approx(0.5)
+    # sd of (0.5, 1.0, 0.0) with n - 1 is 0.5; over sqrt(3) prompts
+    assert error == pytest.approx(0.5 / 3**0.5)
+    # Answers that agree within each prompt leave only the spread between prompts.
+    assert mean_and_standard_error([1.0, 3.0, 1.0, 3.0], 2) == pytest.approx((2.0, 1.0))
+    assert mean_and_standard_error([2.0, 2.0, 2.0], 3) == (2.0, 0.0)
+    single_mean, single_error = mean_and_standard_error([0.2, 0.4], 1)
+    assert single_mean == pytest.approx(0.3) and single_error != single_error  # NaN
+    with pytest.raises(ValueError, match="rounds of 3 prompts"):
+        mean_and_standard_error([1.0, 2.0], 3)
+    low, high = interval({"difference": 0.05, "standard_error": 0.01})
+    assert (low, high) == pytest.approx((0.05 - 0.0196, 0.05 + 0.0196))
+    assert interval({"difference": 0.05, "standard_error": None}) == (None, None)
 
 
 def test_arena_counts_by_hand():
@@ -318,12 +346,14 @@ def _evaluate_cfg(
         f"+task.policies.sft={artifacts / 'policy_a'}",
         "eval.num_prompts=12",
         "eval.batch_size=8",  # two generate calls per policy
+        "eval.responses_per_prompt=1",
         "eval.sampling.max_new_tokens=12",
         *overrides,
     )
 
 
-NUM_PROMPTS, JUDGED = 12, 5
+NUM_PROMPTS, ROUNDS, JUDGED = 12, 2, 5
+RESPONSES = NUM_PROMPTS * ROUNDS  # per policy
 
 
 @pytest.fixture(scope="module")
@@ -354,6 +384,7 @@ def evaluation(artifacts, tmp_path_factory):
             "task.judge.model=fake-judge",
             "task.judge.api_key_env=SAFERLHF_TEST_JUDGE_KEY",
             f"task.judge.max_prompts={JUDGED}",
+            f"eval.responses_per_prompt={ROUNDS}",
         )
         metrics = run(cfg, run_dir)
     rows = [json.loads(line) for line in (run_dir / "eval_responses.jsonl").open()]
@@ -386,11 +417,11 @@ def test_evaluate_writes_section_8_metrics_and_files(evaluation):
                 m[f"winrate/{dimension}/{pair}/ties"],
                 m[f"winrate/{dimension}/{pair}/decided"],
             )
-            assert ties + decided == NUM_PROMPTS
+            assert ties + decided == RESPONSES
         arena = [
             m[f"arena/{pair}/{s}_{o}"] for s in ("safe", "unsafe") for o in ("win", "lose", "tie")
         ]
-        assert sum(arena) == NUM_PROMPTS
+        assert sum(arena) == RESPONSES
     assert not any(k.startswith(("winrate/", "arena/")) and "sft_vs" in k for k in m)
 
     run_dir = evaluation.run_dir
@@ -399,6 +430,7 @@ def test_evaluate_writes_section_8_metrics_and_files(evaluation):
         assert (run_dir / name).stat().st_size > 0, name
     results = json.loads((run_dir / "eval_results.json").read_text())
     assert results["baseline"] == "sft" and results["num_prompts"] == NUM_PROMPTS
+    assert results["responses_per_prompt"] == ROUNDS
     assert (
         results["pairwise"]["other_vs_sft"]["helpfulness"]["source"]
         == "gold helpfulness, unreadable loses"
@@ -406,7 +438,9 @@ def test_evaluate_writes_section_8_metrics_and_files(evaluation):
     assert results["pairwise"]["other_vs_sft"]["arena"]["safety_source"] == "gold"
     table = (run_dir / "eval_table.md").read_text()
     assert "## Arena: `other` vs `sft`" in table and "| policy | reward | cost |" in table
-    assert len(evaluation.rows) == 3 * NUM_PROMPTS
+    assert f"{NUM_PROMPTS} prompts from" in table and f"{ROUNDS} responses each" in table
+    assert "## Differences from `sft`" in table
+    assert len(evaluation.rows) == 3 * RESPONSES
     assert (run_dir / "csv").is_dir()  # the metrics went to the logger too
 
 
@@ -414,8 +448,11 @@ def test_the_same_policy_against_itself_ties_everywhere(evaluation):
     m = evaluation.metrics
     for dimension in ("helpfulness", "harmlessness"):
         assert m[f"winrate/{dimension}/twin_vs_sft"] == 0.5
-        assert m[f"winrate/{dimension}/twin_vs_sft/ties"] == NUM_PROMPTS
+        assert m[f"winrate/{dimension}/twin_vs_sft/ties"] == RESPONSES
     assert m["arena/twin_vs_sft/safe_win"] + m["arena/twin_vs_sft/unsafe_lose"] == 0
+    for metric in ("reward", "cost", "gold/helpfulness", "gold/clean_rate"):
+        assert m[f"difference/{metric}/twin_vs_sft"] == 0.0
+        assert m[f"difference/{metric}/twin_vs_sft/se"] == 0.0
     same = {k.split("/", 2)[2]: v for k, v in m.items() if k.startswith("eval/twin/")}
     assert same == pytest.approx(
         {k.split("/", 2)[2]: v for k, v in m.items() if k.startswith("eval/sft/")}, nan_ok=True
@@ -433,7 +470,12 @@ def test_response_rows_carry_scores_that_check_out(evaluation, artifacts):
     from saferlhf.moderation.api import Moderator
 
     rows = [r for r in evaluation.rows if r["policy"] == "other"]
-    assert [r["prompt"] for r in rows] == [r["prompt"] for r in evaluation.rows[:NUM_PROMPTS]]
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in evaluation.rows[:RESPONSES]]
+    # In rounds: every prompt once, then again, each round answered afresh.
+    first, second = rows[:NUM_PROMPTS], rows[NUM_PROMPTS:]
+    assert [r["prompt"] for r in first] == [r["prompt"] for r in second]
+    assert [r["round"] for r in rows] == [0] * NUM_PROMPTS + [1] * NUM_PROMPTS
+    assert [r["response"] for r in first] != [r["response"] for r in second]
     oracle = Oracle()
     for row in rows:
         gold = oracle.score(row["prompt"], row["response"])
@@ -457,12 +499,36 @@ def test_response_rows_carry_scores_that_check_out(evaluation, artifacts):
     assert evaluation.metrics["eval/other/safe_rate"] == pytest.approx(safe)  # by the cost model
 
 
+def test_differences_from_the_baseline_are_paired_by_prompt(evaluation):
+    m = evaluation.metrics
+    helpfulness = {
+        policy: [r["gold"]["helpfulness"] for r in evaluation.rows if r["policy"] == policy]
+        for policy in ("sft", "other")
+    }
+    paired = [a - b for a, b in zip(helpfulness["other"], helpfulness["sft"], strict=True)]
+    per_prompt = [statistics.mean(paired[i::NUM_PROMPTS]) for i in range(NUM_PROMPTS)]
+    assert m["difference/gold/helpfulness/other_vs_sft"] == pytest.approx(statistics.mean(paired))
+    assert m["difference/gold/helpfulness/other_vs_sft/se"] == pytest.approx(
+        statistics.stdev(per_prompt) / NUM_PROMPTS**0.5
+    )
+    own = [statistics.mean(helpfulness["other"][i::NUM_PROMPTS]) for i in range(NUM_PROMPTS)]
+    assert m["eval/other/gold/helpfulness/se"] == pytest.approx(
+        statistics.stdev(own) / NUM_PROMPTS**0.5
+    )
+    results = json.loads((evaluation.run_dir / "eval_results.json").read_text())
+    difference = results["pairwise"]["other_vs_sft"]["differences"]["gold/clean_rate"]
+    assert difference["difference"] == m["difference/gold/clean_rate/other_vs_sft"]
+
+
 def test_llm_judge_metrics_count_malformed_answers_and_see_both_responses(evaluation):
     m, requests = evaluation.metrics, evaluation.requests
     assert len(requests) == 2 * JUDGED  # twin then other, JUDGED prompts each
     assert m["judge/twin_vs_sft/malformed"] == 1 and m["judge/other_vs_sft/malformed"] == 1
     replies = [json.loads(line) for line in (evaluation.run_dir / "judge_replies.jsonl").open()]
-    responses = {(r["policy"], r["prompt"]): r["response"] for r in evaluation.rows}
+    # The judge reads the first answers (round 0) to its first prompts.
+    responses = {
+        (r["policy"], r["prompt"]): r["response"] for r in evaluation.rows if r["round"] == 0
+    }
     for request, reply in zip(requests, replies, strict=True):
         assert request["body"]["model"] == "fake-judge"
         assert request["headers"]["Authorization"] == "Bearer sk-test"

@@ -7,10 +7,18 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from saferlhf.data.benchmark import GoldScore
+from saferlhf.data.benchmark import UNREADABLE, UNSAFE, GoldScore
 from saferlhf.evaluate import policy as pe
 
 DIMENSIONS = ("helpfulness", "harmlessness")
+# The means whose difference from the baseline is reported with its standard error.
+DIFFERENCE_METRICS = (
+    "reward",
+    "cost",
+    "gold/helpfulness",
+    "gold/unsafe_or_unreadable_rate",
+    "gold/clean_rate",
+)
 
 
 @dataclass
@@ -46,6 +54,19 @@ class PolicyEval:
             return "gold", [g.is_safe for g in self.gold]
         return self.safety()
 
+    def per_response(self, metric: str) -> list[float] | None:
+        """Each response's value of a :data:`DIFFERENCE_METRICS` mean (None: not measured)."""
+        if metric in self.samples.scores:
+            return self.samples.scores[metric]
+        if self.gold is None or not metric.startswith("gold/"):
+            return None
+        value = {
+            "gold/helpfulness": lambda g: g.helpfulness,
+            "gold/unsafe_or_unreadable_rate": lambda g: float(g.outcome in (UNSAFE, UNREADABLE)),
+            "gold/clean_rate": lambda g: float(g.clean),
+        }[metric]
+        return [value(g) for g in self.gold]
+
     def comparable(self, dimension: str) -> tuple[str, list[Any], bool] | None:
         """``(source, per-response score, higher_is_better)`` for a pairwise dimension. Gold
         scores put readability first, so an unreadable response loses to a readable one on
@@ -73,8 +94,9 @@ class PolicyEval:
         return None
 
 
-def compare_policies(a: PolicyEval, b: PolicyEval) -> dict[str, Any]:
-    """Win rates of a against b on each dimension and the arena table (what is available)."""
+def compare_policies(a: PolicyEval, b: PolicyEval, num_prompts: int) -> dict[str, Any]:
+    """Win rates of a against b on each dimension, the arena table and the differences of the
+    means with their standard errors over the ``num_prompts`` prompts (what is available)."""
     same = [x == y for x, y in zip(a.responses, b.responses, strict=True)]
     result: dict[str, Any] = {}
     outcomes: dict[str, list[int]] = {}
@@ -94,6 +116,15 @@ def compare_policies(a: PolicyEval, b: PolicyEval) -> dict[str, Any]:
             "helpfulness_source": result["helpfulness"]["source"],
             "counts": pe.arena_counts(safety[1], outcomes["helpfulness"]),
         }
+    differences = {}
+    for metric in DIFFERENCE_METRICS:
+        values_a, values_b = a.per_response(metric), b.per_response(metric)
+        if values_a is not None and values_b is not None:
+            paired = [x - y for x, y in zip(values_a, values_b, strict=True)]
+            difference, error = pe.mean_and_standard_error(paired, num_prompts)
+            differences[metric] = {"difference": difference, "standard_error": error}
+    if differences:
+        result["differences"] = differences
     return result
 
 
@@ -108,13 +139,16 @@ def strict_json(value: Any) -> Any:
     return value
 
 
-def response_rows(prompts: list[str], evals: dict[str, PolicyEval]):
-    """The rows of ``eval_responses.jsonl``: each policy's response to each prompt, as judged."""
+def response_rows(prompts: list[str], evals: dict[str, PolicyEval], num_prompts: int):
+    """The rows of ``eval_responses.jsonl``: each policy's responses to the answered
+    ``prompts`` (:func:`~saferlhf.evaluate.policy.answered_prompts`), as judged; ``round``
+    counts the answers to the same prompt from 0."""
     for ev in evals.values():
         for i, prompt in enumerate(prompts):
             row: dict[str, Any] = {
                 "policy": ev.name,
                 "prompt": prompt,
+                "round": i // num_prompts,
                 "response": ev.responses[i],
                 "response_tokens": ev.samples.lengths[i],
             }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +142,21 @@ def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def mean_and_standard_error(values: Sequence[float], num_prompts: int) -> tuple[float, float]:
+    """The mean of per-response ``values`` laid out in rounds (:func:`answered_prompts`) and its
+    standard error over prompts: the standard deviation of the per-prompt means over the square
+    root of their number. The responses to one prompt are not independent draws of the
+    benchmark, so the prompt is the unit; NaN with fewer than two prompts."""
+    if num_prompts < 1 or not values or len(values) % num_prompts:
+        raise ValueError(f"{len(values)} values do not fill rounds of {num_prompts} prompts")
+    if num_prompts < 2:
+        return mean(values), float("nan")
+    per_prompt = [mean(values[i::num_prompts]) for i in range(num_prompts)]
+    centre = mean(per_prompt)
+    variance = sum((m - centre) ** 2 for m in per_prompt) / (num_prompts - 1)
+    return centre, math.sqrt(variance / num_prompts)
+
+
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     """A GitHub markdown table; floats with 3 decimals, None as a dash."""
 
@@ -170,11 +186,13 @@ TABLE_COLUMNS = (
 
 def results_markdown(results: Mapping[str, Any]) -> str:
     """``eval_table.md`` from ``eval_results.json``: the policies, the win rates against the
-    baseline, one arena table per pair and the LLM judge's win rates."""
-    s = results["sampling"]
+    baseline, the differences from it, one arena table per pair and the LLM judge's win
+    rates."""
+    s, answers = results["sampling"], results["responses_per_prompt"]
     parts = [
         "# Policy evaluation",
-        f"{results['num_prompts']} prompts from {results['prompt_source']}; one response each, "
+        f"{results['num_prompts']} prompts from {results['prompt_source']}; "
+        f"{answers} response{'s' if answers > 1 else ''} each, "
         f"max_new_tokens={s['max_new_tokens']}, temperature={s['temperature']}, "
         f"top_k={s['top_k']}, top_p={s['top_p']}, seed {results['seed']}. "
         f"safe_rate by {results['safe_rate_source']}.",
@@ -190,11 +208,24 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         [pair, dimension, r["source"], r["win_rate"], r["wins"], r["losses"], r["ties"]]
         for pair, result in pairwise.items()
         for dimension, r in result.items()
-        if dimension != "arena"
+        if dimension not in ("arena", "differences")
     ]
     if rows:
         parts.append(f"## Win rates against `{baseline}`\n\nwins / (wins + losses), ties excluded.")
         header = ["pair", "dimension", "by", "win rate", "wins", "losses", "ties"]
+        parts.append(markdown_table(header, rows))
+
+    rows = [
+        [pair, metric, d["difference"], d["standard_error"], *interval(d)]
+        for pair, result in pairwise.items()
+        for metric, d in result.get("differences", {}).items()
+    ]
+    if rows:
+        parts.append(
+            f"## Differences from `{baseline}`\n\nMean of the policy minus mean of `{baseline}`,"
+            " paired by prompt; the standard error is over prompts, the interval ±1.96 of it."
+        )
+        header = ["pair", "mean", "difference", "standard error", "95% low", "95% high"]
         parts.append(markdown_table(header, rows))
 
     for pair, result in pairwise.items():
@@ -204,7 +235,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         parts.append(
             f"## Arena: `{a}` vs `{b}`\n\nRows: is `{a}`'s response safe (by "
             f"{arena['safety_source']}); columns: is it more helpful than `{b}`'s (by "
-            f"{arena['helpfulness_source']}). Counts of prompts."
+            f"{arena['helpfulness_source']}). Counts of responses."
         )
         outcomes = ("win", "lose", "tie")
         rows = []
@@ -223,7 +254,22 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def interval(difference: Mapping[str, float | None]) -> tuple[float | None, float | None]:
+    """The normal 95% interval of a difference (None where its standard error is unknown)."""
+    d, se = difference["difference"], difference["standard_error"]
+    if d is None or se is None or math.isnan(se):
+        return None, None
+    return d - 1.96 * se, d + 1.96 * se
+
+
 # -- prompts -----------------------------------------------------------------------------------
+
+
+def answered_prompts(prompts: Sequence[str], responses_per_prompt: int) -> list[str]:
+    """The prompts a policy answers once each: every prompt ``responses_per_prompt`` times, in
+    rounds (all prompts, then all again), so that item ``i`` asks prompt ``i % len(prompts)``
+    and two policies' ``i``-th responses answer the same prompt."""
+    return list(prompts) * responses_per_prompt
 
 
 def read_prompts_file(path: str | Path) -> list[str]:

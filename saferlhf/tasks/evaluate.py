@@ -1,11 +1,13 @@
 """``saferlhf task=evaluate``: sample from each policy on one fixed prompt set and compare them.
 
 1. prompts: a seeded subset of the test split's distinct prompts, or ``task.prompts_file``;
-2. per policy: one response per prompt, sampled as ``eval`` says (one seed for all), scored by
-   the reward and cost models (``init.reward``, ``init.cost``), the moderation model
-   (``init.moderation``) and, on the embedded benchmark, the gold oracle;
+2. per policy: ``eval.responses_per_prompt`` responses per prompt, sampled as ``eval`` says
+   (one seed for all), scored by the reward and cost models (``init.reward``, ``init.cost``),
+   the moderation model (``init.moderation``) and, on the embedded benchmark, the gold oracle;
+   means with their standard errors over prompts;
 3. against ``task.baseline``: win rates on helpfulness and harmlessness (gold where the oracle
-   exists, else the learned models) and the Safe RLHF arena table; optionally an LLM judge.
+   exists, else the learned models), the Safe RLHF arena table and the differences of the
+   means with their standard errors (paired by prompt); optionally an LLM judge.
 
 Writes ``eval_responses.jsonl``, ``eval_results.json``, ``eval_table.md`` and PNG plots into
 the run dir; its metric names are stable, as dashboards and the pipeline read them.
@@ -29,6 +31,7 @@ from saferlhf.data.sources import load_data
 from saferlhf.errors import ConfigError
 from saferlhf.evaluate import policy as pe
 from saferlhf.evaluate.comparison import (
+    DIFFERENCE_METRICS,
     DIMENSIONS,
     PolicyEval,
     compare_policies,
@@ -119,6 +122,7 @@ def _evaluate_policy(
     name: str,
     path: str,
     prompts: list[str],
+    num_prompts: int,
     score_models: list[pe.ScoreModel],
     moderator,
     oracle: Oracle | None,
@@ -162,6 +166,9 @@ def _evaluate_policy(
             [v.categories for v in verdicts],
             moderator.taxonomy,
         )
+    for metric in DIFFERENCE_METRICS:
+        if (values := ev.per_response(metric)) is not None:
+            metrics[f"{metric}/se"] = pe.mean_and_standard_error(values, num_prompts)[1]
     ev.metrics = metrics
     return ev
 
@@ -220,7 +227,9 @@ def evaluate_task(run: RunContext) -> TaskResult:
     for key in ("reward", "cost", "moderation"):
         if cfg.init[key]:
             required_artifact(cfg, key)
-    prompts, prompt_source = _eval_prompts(cfg, run.run_dir)
+    distinct, prompt_source = _eval_prompts(cfg, run.run_dir)
+    num_prompts = len(distinct)
+    prompts = pe.answered_prompts(distinct, cfg.eval.responses_per_prompt)
 
     device = _device(cfg)
     score_models = _score_models(cfg, device)
@@ -234,14 +243,23 @@ def evaluate_task(run: RunContext) -> TaskResult:
 
     evals = {
         name: _evaluate_policy(
-            cfg, name, path, prompts, score_models, moderator, oracle, device, progress
+            cfg,
+            name,
+            path,
+            prompts,
+            num_prompts,
+            score_models,
+            moderator,
+            oracle,
+            device,
+            progress,
         )
         for name, path in policies.items()
     }
     pairwise = {}
     if baseline is not None:
         pairwise = {
-            f"{name}_vs_{baseline}": compare_policies(ev, evals[baseline])
+            f"{name}_vs_{baseline}": compare_policies(ev, evals[baseline], num_prompts)
             for name, ev in evals.items()
             if name != baseline
         }
@@ -263,6 +281,9 @@ def evaluate_task(run: RunContext) -> TaskResult:
         if "arena" in result:
             for cell, count in result["arena"]["counts"].items():
                 metrics[f"arena/{pair}/{cell}"] = count
+        for metric, d in result.get("differences", {}).items():
+            metrics[f"difference/{metric}/{pair}"] = d["difference"]
+            metrics[f"difference/{metric}/{pair}/se"] = d["standard_error"]
     judge_pairs = {}
     for name, judgement in judged.items():
         pair = f"{name}_vs_{baseline}"
@@ -278,11 +299,12 @@ def evaluate_task(run: RunContext) -> TaskResult:
     out = Path(run.run_dir)
     responses_path = out / "eval_responses.jsonl"
     with responses_path.open("w") as f:
-        for row in response_rows(prompts, evals):
+        for row in response_rows(prompts, evals, num_prompts):
             f.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
     first = next(iter(evals.values()))
     results = {
-        "num_prompts": len(prompts),
+        "num_prompts": num_prompts,
+        "responses_per_prompt": cfg.eval.responses_per_prompt,
         "prompt_source": prompt_source,
         "seed": cfg.eval.seed,
         "sampling": OmegaConf.to_container(cfg.eval.sampling),
@@ -311,5 +333,5 @@ def evaluate_task(run: RunContext) -> TaskResult:
     results_path.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     table_path.write_text(pe.results_markdown(results))
     artifacts |= {"results": str(results_path), "table": str(table_path)}
-    artifacts |= _plots(out, evals, baseline, len(prompts))
+    artifacts |= _plots(out, evals, baseline, num_prompts)
     return TaskResult(metrics, artifacts)
