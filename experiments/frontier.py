@@ -34,9 +34,9 @@ stages); everything lands in ROOT = BASE_frontier/ next to BASE:
    extra Hydra overrides on this command line go to every job, reward models included;
 3. per setting, the median over seeds (and min-max range) of the final policy's gold metrics on
    the PPO task's fixed eval prompts (from each job's summary.json), and the SFT policy's;
-4. head to head: per seed, every final policy samples one response to each prompt of
-   task=evaluate's prompt set (the test split's distinct prompts, its seed) with the PPO
-   sampling settings; each dual policy (safe_rlhf, fixed) is compared with each single one on
+4. head to head: per seed, every final policy samples ``eval.responses_per_prompt`` responses
+   to each prompt of task=evaluate's prompt set (the test split's distinct prompts, its seed),
+   as task=evaluate does, with the PPO sampling settings; each dual policy (safe_rlhf, fixed) is compared with each single one on
    helpfulness and harmlessness by task=evaluate's gold comparison (an unreadable response
    loses on both), as Safe RLHF's Table 2 compares its models; median win rate over seeds;
 5. a Pareto plot of the setting medians with their seed ranges.
@@ -465,7 +465,8 @@ def report(
         "it compares within a variant only."
     )
     head_to_head_text = (
-        f"{evaluation['prompts']} prompts ({evaluation['prompt_source']}), one response each, "
+        f"{evaluation['prompts']} prompts ({evaluation['prompt_source']}), "
+        f"{evaluation.get('responses_per_prompt', 1)} response(s) each, "
         f"max_new_tokens={s['max_new_tokens']}, temperature={s['temperature']}, "
         f"top_k={s['top_k']}, top_p={s['top_p']}, seed {evaluation['seed']}; the gold comparison "
         "of task=evaluate (an unreadable response loses on both dimensions). Dual win rate = "
@@ -501,8 +502,9 @@ def sample_gold(records: Sequence[Mapping]) -> tuple[dict[int, dict[str, list[Go
         data_key = OmegaConf.to_yaml(cfg.data)
         if data_key not in prompts_by_data:
             test_prompts = views.prompts(load_data(cfg.data).splits["test"])
-            prompts_by_data[data_key] = fixed_eval_prompts(
-                test_prompts, EVALUATE.num_prompts, EVALUATE.seed
+            prompts_by_data[data_key] = pe.answered_prompts(
+                fixed_eval_prompts(test_prompts, EVALUATE.num_prompts, EVALUATE.seed),
+                EVALUATE.responses_per_prompt,
             )
         prompts = prompts_by_data[data_key]
         sampling = OmegaConf.to_container(cfg.eval.sampling)
@@ -526,7 +528,8 @@ def sample_gold(records: Sequence[Mapping]) -> tuple[dict[int, dict[str, list[Go
             prompts, samples.responses
         )
     evaluation = {
-        "prompts": len(first[1]),
+        "prompts": len(first[1]) // EVALUATE.responses_per_prompt,
+        "responses_per_prompt": EVALUATE.responses_per_prompt,
         "prompt_source": f"task=evaluate's choice: up to {EVALUATE.num_prompts} of the test "
         f"split's distinct prompts, seed {EVALUATE.seed}",
         "sampling": first[2],
