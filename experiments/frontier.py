@@ -72,7 +72,7 @@ from saferlhf.data.collate import tokenize_prompts
 from saferlhf.data.sources import load_data
 from saferlhf.evaluate import policy as pe
 from saferlhf.evaluate.comparison import DIMENSIONS, PolicyEval
-from saferlhf.evaluate.gold import fixed_eval_prompts
+from saferlhf.evaluate.gold import judged_prompts
 from saferlhf.evaluate.policy import markdown_table
 from saferlhf.models import build_causal_lm, load_tokenizer
 
@@ -466,7 +466,7 @@ def report(
     )
     head_to_head_text = (
         f"{evaluation['prompts']} prompts ({evaluation['prompt_source']}), "
-        f"{evaluation.get('responses_per_prompt', 1)} response(s) each, "
+        f"{evaluation['responses_per_prompt']} response(s) each, "
         f"max_new_tokens={s['max_new_tokens']}, temperature={s['temperature']}, "
         f"top_k={s['top_k']}, top_p={s['top_p']}, seed {evaluation['seed']}; the gold comparison "
         "of task=evaluate (an unreadable response loses on both dimensions). Dual win rate = "
@@ -502,10 +502,7 @@ def sample_gold(records: Sequence[Mapping]) -> tuple[dict[int, dict[str, list[Go
         data_key = OmegaConf.to_yaml(cfg.data)
         if data_key not in prompts_by_data:
             test_prompts = views.prompts(load_data(cfg.data).splits["test"])
-            prompts_by_data[data_key] = pe.answered_prompts(
-                fixed_eval_prompts(test_prompts, EVALUATE.num_prompts, EVALUATE.seed),
-                EVALUATE.responses_per_prompt,
-            )
+            prompts_by_data[data_key] = judged_prompts(test_prompts, EVALUATE)
         prompts = prompts_by_data[data_key]
         sampling = OmegaConf.to_container(cfg.eval.sampling)
         if first is None:

@@ -21,9 +21,8 @@ from saferlhf.data.benchmark import Oracle
 from saferlhf.data.collate import tokenize_conversations
 from saferlhf.errors import ConfigError
 from saferlhf.evaluate import judge
-from saferlhf.evaluate.gold import gold_metrics
+from saferlhf.evaluate.gold import answered_prompts, gold_metrics
 from saferlhf.evaluate.policy import (
-    answered_prompts,
     arena_counts,
     category_key,
     flag_rates,

@@ -141,7 +141,7 @@ def strict_json(value: Any) -> Any:
 
 def response_rows(prompts: list[str], evals: dict[str, PolicyEval], num_prompts: int):
     """The rows of ``eval_responses.jsonl``: each policy's responses to the answered
-    ``prompts`` (:func:`~saferlhf.evaluate.policy.answered_prompts`), as judged; ``round``
+    ``prompts`` (:func:`~saferlhf.evaluate.gold.answered_prompts`), as judged; ``round``
     counts the answers to the same prompt from 0."""
     for ev in evals.values():
         for i, prompt in enumerate(prompts):

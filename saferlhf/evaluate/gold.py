@@ -38,6 +38,20 @@ def gold_metrics(
     }
 
 
+def answered_prompts(prompts: Sequence[str], responses_per_prompt: int) -> list[str]:
+    """The prompts a policy answers once each: every prompt ``responses_per_prompt`` times, in
+    rounds (all prompts, then all again), so that item ``i`` asks prompt ``i % len(prompts)``
+    and two policies' ``i``-th responses answer the same prompt."""
+    return list(prompts) * responses_per_prompt
+
+
+def judged_prompts(prompts: Sequence[str], eval_cfg) -> list[str]:
+    """What the ``eval`` node asks of a policy: its fixed prompts (:func:`fixed_eval_prompts`),
+    each answered ``eval_cfg.responses_per_prompt`` times (:func:`answered_prompts`)."""
+    chosen = fixed_eval_prompts(prompts, eval_cfg.num_prompts, eval_cfg.seed)
+    return answered_prompts(chosen, eval_cfg.responses_per_prompt)
+
+
 def fixed_eval_prompts(prompts: Sequence[str], count: int, seed: int) -> list[str]:
     """``count`` of ``prompts`` in a seeded order: the fixed set that initial and final policies
     (PPO and DPO alike) and task=evaluate's policies are judged on."""

@@ -143,9 +143,9 @@ def mean(values: Sequence[float]) -> float:
 
 
 def mean_and_standard_error(values: Sequence[float], num_prompts: int) -> tuple[float, float]:
-    """The mean of per-response ``values`` laid out in rounds (:func:`answered_prompts`) and its
-    standard error over prompts: the standard deviation of the per-prompt means over the square
-    root of their number. The responses to one prompt are not independent draws of the
+    """The mean of per-response ``values`` laid out in rounds
+    (:func:`saferlhf.evaluate.gold.answered_prompts`) and its standard error over prompts: the
+    standard deviation of the per-prompt means over the square root of their number. The responses to one prompt are not independent draws of the
     benchmark, so the prompt is the unit; NaN with fewer than two prompts."""
     if num_prompts < 1 or not values or len(values) % num_prompts:
         raise ValueError(f"{len(values)} values do not fill rounds of {num_prompts} prompts")
@@ -263,13 +263,6 @@ def interval(difference: Mapping[str, float | None]) -> tuple[float | None, floa
 
 
 # -- prompts -----------------------------------------------------------------------------------
-
-
-def answered_prompts(prompts: Sequence[str], responses_per_prompt: int) -> list[str]:
-    """The prompts a policy answers once each: every prompt ``responses_per_prompt`` times, in
-    rounds (all prompts, then all again), so that item ``i`` asks prompt ``i % len(prompts)``
-    and two policies' ``i``-th responses answer the same prompt."""
-    return list(prompts) * responses_per_prompt
 
 
 def read_prompts_file(path: str | Path) -> list[str]:

@@ -17,7 +17,7 @@ class FixedPromptEval:
     """Learned reward and cost (and gold metrics on the benchmark) of responses to the fixed
     eval prompts, sampled with ``sampling`` from ``seed`` without disturbing the training RNG."""
 
-    prompts: list[str]  # each fixed prompt eval.responses_per_prompt times (answered_prompts)
+    prompts: list[str]  # each fixed prompt eval.responses_per_prompt times (judged_prompts)
     prompt_ids: list[list[int]]
     sampling: dict[str, Any]
     seed: int

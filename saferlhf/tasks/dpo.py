@@ -47,8 +47,8 @@ from saferlhf.data.collate import tokenize_prompts, tokenize_sft_examples
 from saferlhf.data.module import LanguageModelingCollator, ListDataModule
 from saferlhf.data.sources import load_data
 from saferlhf.errors import ConfigError
-from saferlhf.evaluate.gold import fixed_eval_prompts, gold_metrics
-from saferlhf.evaluate.policy import answered_prompts, sample_and_score
+from saferlhf.evaluate.gold import gold_metrics, judged_prompts
+from saferlhf.evaluate.policy import sample_and_score
 from saferlhf.losses import dpo_loss, sequence_log_probs
 from saferlhf.models import load_tokenizer
 from saferlhf.models.sharding import is_sharded, shard_for_strategy, unsharded_copy
@@ -255,8 +255,9 @@ def fixed_prompt_gold(
     max_length: int,
     eval_cfg: DictConfig,
 ) -> dict[str, float]:
-    """Gold metrics of one response per item of ``prompts`` (:func:`answered_prompts`), sampled
-    as ``eval_cfg`` says; the caller's RNG state is left untouched."""
+    """Gold metrics of one response per item of ``prompts`` (the eval node's
+    :func:`~saferlhf.evaluate.gold.judged_prompts`), sampled as ``eval_cfg`` says; the caller's
+    RNG state is left untouched."""
     max_prompt = max_length - eval_cfg.sampling.max_new_tokens
     samples = sample_and_score(
         policy.eval(), tokenizer, prompts, tokenize_prompts(tokenizer, prompts, max_prompt),
@@ -306,10 +307,7 @@ def dpo_task(run: RunContext) -> TaskResult:
     reference = unsharded_copy(module.reference, fit.trainer.is_global_zero)
     if fit.trainer.is_global_zero and cfg.data.source == "benchmark":
         test_prompts = views.prompts(loaded.splits["test"])
-        prompts = answered_prompts(
-            fixed_eval_prompts(test_prompts, cfg.eval.num_prompts, cfg.eval.seed),
-            cfg.eval.responses_per_prompt,
-        )
+        prompts = judged_prompts(test_prompts, cfg.eval)
         device = fit.trainer.strategy.root_device
         for stage, model in (("initial", reference), ("final", policy)):
             gold = fixed_prompt_gold(model.to(device), tokenizer, prompts, max_length, cfg.eval)

@@ -38,7 +38,7 @@ from saferlhf.evaluate.comparison import (
     response_rows,
     strict_json,
 )
-from saferlhf.evaluate.gold import fixed_eval_prompts, gold_metrics
+from saferlhf.evaluate.gold import answered_prompts, fixed_eval_prompts, gold_metrics
 from saferlhf.evaluate.judge import judge_pair
 from saferlhf.evaluate.plots import plot_policy_means
 from saferlhf.models import build_causal_lm, build_score_model, load_tokenizer
@@ -229,7 +229,7 @@ def evaluate_task(run: RunContext) -> TaskResult:
             required_artifact(cfg, key)
     distinct, prompt_source = _eval_prompts(cfg, run.run_dir)
     num_prompts = len(distinct)
-    prompts = pe.answered_prompts(distinct, cfg.eval.responses_per_prompt)
+    prompts = answered_prompts(distinct, cfg.eval.responses_per_prompt)
 
     device = _device(cfg)
     score_models = _score_models(cfg, device)

@@ -41,8 +41,7 @@ from saferlhf.config import PtxData
 from saferlhf.data import views
 from saferlhf.data.collate import tokenize_prompts, tokenize_sft_examples
 from saferlhf.data.sources import load_data
-from saferlhf.evaluate.gold import fixed_eval_prompts, gold_metrics
-from saferlhf.evaluate.policy import answered_prompts
+from saferlhf.evaluate.gold import gold_metrics, judged_prompts
 from saferlhf.models.sharding import shard_for_strategy
 from saferlhf.rl.checkpoint import IterationCheckpoint
 from saferlhf.rl.config import check_ppo_config, decodes_compiled, ppo_variant
@@ -300,10 +299,7 @@ def ppo_task(run: RunContext) -> TaskResult:
     max_prompt = cfg.model.max_length - cfg.eval.sampling.max_new_tokens
     train_prompts = views.prompts(loaded.splits["train"])
     test_prompts = views.prompts(loaded.splits["test"])
-    eval_prompts = answered_prompts(
-        fixed_eval_prompts(test_prompts, cfg.eval.num_prompts, cfg.eval.seed),
-        cfg.eval.responses_per_prompt,
-    )
+    eval_prompts = judged_prompts(test_prompts, cfg.eval)
     ptx = None
     if algo.ptx_coef > 0:
         conversations = (
