@@ -4,14 +4,18 @@ from pytorch_lightning.callbacks import Callback
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from saferlhf.data.benchmark import generate_benchmark
+from saferlhf.data.collate import tokenize_sft_examples
+from saferlhf.data.module import LanguageModelingCollator
 from saferlhf.models import (
     build_causal_lm,
     build_score_model,
     build_tokenizer,
     count_parameters,
+    linear_lm_head,
     save_artifact,
 )
-from tests.tiny import save_micro_artifacts
+from saferlhf.tasks.sft import response_nll
+from tests.tiny import benchmark_tokenizer, micro_model_cfg, save_micro_artifacts
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +131,65 @@ def test_a_model_loaded_from_a_folder_trains_in_training_mode(compose_cfg, tmp_p
     modes = _TrainingModes()
     run(cfg, tmp_path / "run", callbacks=[modes])
     assert modes.all_training
+
+
+def _sft_batch(tokenizer, rows: int = 6) -> dict[str, torch.Tensor]:
+    items = generate_benchmark(
+        num_train=rows, num_test=1, seed=3, label_noise=0.0, benign_fraction=0.35
+    )["train"]
+    examples = tokenize_sft_examples(
+        tokenizer, [r["prompt"] for r in items], [r["response_0"] for r in items], 128
+    )
+    weights = [1.0] * (rows - 1) + [0.0]  # the last row is sampler padding: no loss
+    return LanguageModelingCollator(tokenizer.pad_token_id)(
+        list(zip(examples, weights, strict=True))
+    )
+
+
+def _nll_from_full_logits(model, batch) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    mask = (labels != -100) & (batch["weight"][:, None] > 0)
+    logps = logits[:, :-1].log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return -(logps * mask).sum()
+
+
+def test_sft_loss_puts_only_label_positions_through_the_head_with_the_full_logits_numbers():
+    tokenizer = benchmark_tokenizer(num_train=100, vocab_size=512)
+    torch.manual_seed(0)
+    model = build_causal_lm(micro_model_cfg(), tokenizer)
+    assert linear_lm_head(model) is model.lm_head
+    batch = _sft_batch(tokenizer)
+    labelled = ((batch["labels"][:, 1:] != -100) & (batch["weight"][:, None] > 0)).sum()
+    assert 0 < labelled < batch["labels"][:, 1:].numel() / 2  # most positions are not labels
+
+    grads = []
+    for loss_fn in (response_nll, _nll_from_full_logits):
+        model.zero_grad()
+        nll = loss_fn(model, batch)[0] if loss_fn is response_nll else loss_fn(model, batch)
+        nll.backward()
+        grads.append((nll.detach(), [p.grad.clone() for p in model.parameters()]))
+    (ours, our_grads), (full, full_grads) = grads
+    assert response_nll(model, batch)[1] == labelled
+    torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-4)
+    for a, b in zip(our_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_heads_that_do_more_than_one_linear_map_run_inside_the_model():
+    tokenizer = benchmark_tokenizer(num_train=100, vocab_size=512)
+    torch.manual_seed(0)
+    model = build_causal_lm(micro_model_cfg(), tokenizer)
+    batch = _sft_batch(tokenizer)
+    expected = _nll_from_full_logits(model, batch)
+
+    model.config.final_logit_softcapping = 30.0  # Gemma 2's: applied after the head
+    assert linear_lm_head(model) is None
+    model.config.final_logit_softcapping = None
+    hidden = model.config.hidden_size
+    model.lm_head = torch.nn.Linear(hidden, len(tokenizer), bias=True)  # a bias, zero here
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.get_input_embeddings().weight)
+        model.lm_head.bias.zero_()
+    assert linear_lm_head(model) is None
+    torch.testing.assert_close(response_nll(model, batch)[0], expected, rtol=1e-5, atol=1e-4)

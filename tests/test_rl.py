@@ -20,6 +20,7 @@ from saferlhf.rl.lagrange import FixedMultiplier, SafeRLHFMultiplier, multiplier
 from saferlhf.rl.rollout import (
     Rollout,
     minibatch_rows,
+    nucleus,
     packed_rows,
     padded_rows,
     positions_from_mask,
@@ -127,6 +128,39 @@ def test_sample_from_logits_draws_the_filtered_softmax(temperature, top_k, top_p
     frequencies = torch.bincount(tokens, minlength=4).float() / len(tokens)
     assert frequencies.tolist() == pytest.approx(expected, abs=0.006)
     assert all(f == 0.0 for f, e in zip(frequencies, expected, strict=True) if e == 0.0)
+
+
+def _nucleus_by_sorting_tokens(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Top-p as transformers and vLLM compute it: sort the tokens, cut the cumulative sum,
+    scatter the decision back to the tokens."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+    return ~drop_sorted.scatter(-1, order, drop_sorted)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.99])
+def test_nucleus_keeps_the_tokens_that_sorting_the_tokens_keeps(dtype, top_p):
+    torch.manual_seed(0)
+    # Peaked to flat rows: nuclei of one token to most of the vocabulary.
+    logits = torch.randn(300, 1000) * torch.linspace(0.3, 8.0, 300)[:, None]
+    probs = logits.softmax(-1).to(dtype)
+    kept = nucleus(probs, top_p)
+    by_sorting = _nucleus_by_sorting_tokens(probs, top_p)
+    # Sorting keeps an arbitrary part of the tokens tied with its least likely kept token;
+    # nucleus keeps them all (in bfloat16 many probabilities tie).
+    least_kept = probs.masked_fill(~by_sorting, float("inf")).amin(-1, keepdim=True)
+    assert torch.equal(kept, probs >= least_kept)
+    if dtype != torch.bfloat16:
+        assert torch.equal(kept, by_sorting)
+    sizes = kept.sum(-1)
+    assert sizes.min() >= 1 and sizes.max() > sizes.min()
+
+
+def test_nucleus_ends_at_the_token_that_reaches_top_p_and_keeps_its_ties():
+    assert nucleus(torch.tensor([[0.5, 0.3, 0.2]]), 0.5).tolist() == [[True, False, False]]
+    assert nucleus(torch.tensor([[0.2, 0.5, 0.3]]), 0.6).tolist() == [[False, True, True]]
+    assert nucleus(torch.tensor([[0.3, 0.4, 0.3]]), 0.5).tolist() == [[True, True, True]]
 
 
 def test_sample_from_logits_rejects_settings_that_leave_nothing_to_sample():

@@ -2,6 +2,7 @@ from saferlhf.models.builders import (
     build_causal_lm,
     build_score_model,
     count_parameters,
+    linear_lm_head,
     save_artifact,
 )
 from saferlhf.models.tokenizer import build_tokenizer, load_tokenizer, train_bpe_tokenizer
@@ -11,6 +12,7 @@ __all__ = [
     "build_score_model",
     "build_tokenizer",
     "count_parameters",
+    "linear_lm_head",
     "load_tokenizer",
     "save_artifact",
     "train_bpe_tokenizer",

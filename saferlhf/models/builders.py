@@ -21,7 +21,12 @@ from transformers import (
 )
 
 from saferlhf.data.collate import template_of
+from saferlhf.models.sharding import is_sharded
 from saferlhf.models.tokenizer import TEMPLATE_KEY
+
+# Config fields of architectures whose logits are not the LM head's output alone (Gemma 2 and 3,
+# Cohere, Granite): their forward caps or scales the logits after the head.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 def _arch_config(model_cfg: Any, tokenizer: PreTrainedTokenizerBase, **extra: Any):
@@ -85,6 +90,22 @@ def build_score_model(
         config = _arch_config(model_cfg, tokenizer, num_labels=num_labels)
         model = AutoModelForSequenceClassification.from_config(config, dtype=_dtype(model_cfg))
     return _match_tokenizer(model, tokenizer)
+
+
+def linear_lm_head(model: PreTrainedModel) -> torch.nn.Linear | None:
+    """The causal LM's head when its logits are exactly ``final hidden states @ Wᵀ`` and the
+    head can run apart from the model's own forward, so that callers can put only the hidden
+    states they need through it; None otherwise (a bias, capped or scaled logits, or weights
+    sharded by FSDP, which gathers them only inside the model's forward)."""
+    head = model.get_output_embeddings()
+    if (
+        type(head) is not torch.nn.Linear
+        or head.bias is not None
+        or any(getattr(model.config, field, None) for field in _LOGIT_TRANSFORMS)
+        or is_sharded(model)
+    ):
+        return None
+    return head
 
 
 def save_artifact(
