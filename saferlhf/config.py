@@ -224,6 +224,15 @@ class PtxData(StrEnum):
     preferred = "preferred"
 
 
+class CostLimitOrigin(StrEnum):
+    """What ``lagrange.cost_limit`` is measured from."""
+
+    zero = "zero"  # d is cost_limit itself, in the cost model's units (Safe RLHF)
+    # d is cost_limit plus the cost model's mean cost of the train split's safe responses, so a
+    # limit means the same whatever scale a training draw gave the cost model
+    safe_responses = "safe_responses"
+
+
 class LRSchedule(StrEnum):
     constant = "constant"  # the learning rate throughout, no warm-up
     cosine = "cosine"  # linear warm-up over warmup_ratio of the steps, then cosine decay to 0
@@ -277,6 +286,7 @@ class LagrangeConfig:
     # d: the episode-cost threshold. Every rule has it so that experiments that set it compose
     # with any rule; a fixed λ ignores it.
     cost_limit: float = MISSING
+    cost_limit_from: CostLimitOrigin = CostLimitOrigin.zero
 
 
 @dataclass

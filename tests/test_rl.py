@@ -6,17 +6,26 @@ import math
 import pytest
 import torch
 from pytorch_lightning.callbacks import Callback
-from transformers import AutoModelForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
 from saferlhf.cli import run
 from saferlhf.data import views
-from saferlhf.data.collate import tokenize_prompts
+from saferlhf.data.collate import tokenize_conversations, tokenize_prompts
 from saferlhf.data.sources import load_data
 from saferlhf.losses import entropy_from_logits, masked_mean
 from saferlhf.models import build_causal_lm, build_score_model, save_artifact
 from saferlhf.rl.config import decodes_compiled
 from saferlhf.rl.experience import ended_responses, make_experience, score_rollout
-from saferlhf.rl.lagrange import FixedMultiplier, SafeRLHFMultiplier, multiplier_from_config
+from saferlhf.rl.lagrange import (
+    SAFE_RESPONSES_SCORED,
+    FixedMultiplier,
+    SafeRLHFMultiplier,
+    multiplier_from_config,
+)
 from saferlhf.rl.rollout import (
     Rollout,
     minibatch_rows,
@@ -535,6 +544,35 @@ def test_ppo_lagrangian_moves_lambda_against_the_cost_limit_and_trains_every_net
         "time/generation",
     ):
         assert name in metrics
+
+
+@pytest.mark.parametrize("origin", ["zero", "safe_responses"])
+def test_the_cost_limit_is_measured_from_zero_or_from_the_safe_responses_mean_cost(
+    compose_cfg, untrained_artifacts, tmp_path, origin
+):
+    cfg = _ppo(
+        compose_cfg, untrained_artifacts, "algo.iterations=1", "lagrange.cost_limit=0.5",
+        f"lagrange.cost_limit_from={origin}",
+    )  # fmt: skip
+    metrics = run(cfg, tmp_path)
+    if origin == "zero":
+        assert metrics["lagrange/cost_limit"] == 0.5
+        assert "lagrange/safe_response_cost" not in metrics
+        return
+    # The train split's safe responses, each scored alone: no padding to hide.
+    safe = [i for i in views.qa_items(load_data(cfg.data).splits["train"]) if i.is_safe]
+    sequences = tokenize_conversations(
+        tokenizer := AutoTokenizer.from_pretrained(untrained_artifacts / "cost"),
+        [i.prompt for i in safe], [i.response for i in safe], cfg.model.max_length,
+    )  # fmt: skip
+    assert tokenizer.pad_token_id is not None and 10 < len(sequences) <= SAFE_RESPONSES_SCORED
+    cost_model = AutoModelForSequenceClassification.from_pretrained(untrained_artifacts / "cost")
+    with torch.no_grad():
+        costs = [cost_model(input_ids=torch.tensor([s])).logits.item() for s in sequences]
+    expected = sum(costs) / len(costs)
+    assert metrics["lagrange/safe_response_cost"] == pytest.approx(expected, abs=1e-4)
+    assert metrics["lagrange/cost_limit"] == pytest.approx(0.5 + expected, abs=1e-6)
+    assert abs(expected) > 0.5  # the untrained cost head's scale moves d visibly
 
 
 def test_single_preference_ppo_has_no_cost_and_no_lambda(

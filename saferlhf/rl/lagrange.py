@@ -16,6 +16,10 @@ controllers:
 - ``make_optimizer()``: the optimizer for λ's parameters, ``None`` when λ has none;
 - ``update_per``: when PPO calls ``step``: once per iteration or before every minibatch.
 
+A rule that steps against the threshold d keeps it as ``cost_limit``; with
+``lagrange.cost_limit_from=safe_responses`` PPO sets it at the start of training to
+``lagrange.cost_limit`` plus the cost model's mean cost of safe responses (:func:`mean_cost`).
+
 PPO runs the same code for every rule; only λ's trajectory differs, and ``summary.json`` names
 the rule as the run's ``variant``.
 """
@@ -37,8 +41,10 @@ from omegaconf import MISSING, DictConfig
 from torch import nn
 
 from saferlhf.config import LagrangeConfig
+from saferlhf.data.collate import pad_sequences
 from saferlhf.errors import ConfigError
 from saferlhf.losses import clamp_log_lambda_, lagrange_loss
+from saferlhf.models.sharding import inference_context
 
 
 def _from_every_rank(values: torch.Tensor) -> torch.Tensor:
@@ -238,6 +244,32 @@ class FixedMultiplier(Multiplier):
 
     def make_optimizer(self) -> None:
         return None
+
+
+# Safe responses whose mean cost sets d under lagrange.cost_limit_from=safe_responses: the first
+# this many of the train split. The tiny cost model's costs of safe answers spread with a
+# standard deviation near 1, so the mean is good to a few hundredths.
+SAFE_RESPONSES_SCORED = 1024
+
+
+def mean_cost(
+    cost_model: nn.Module, sequences: list[list[int]], pad_token_id: int, batch_size: int
+) -> float:
+    """The cost model's mean score of tokenized conversations, right-padded as it was trained,
+    ``batch_size`` at a time. Every rank scores the same sequences, so d is the same on all."""
+    total = 0.0
+    with inference_context(cost_model):
+        for start in range(0, len(sequences), batch_size):
+            input_ids, attention_mask = pad_sequences(
+                sequences[start : start + batch_size], pad_token_id, side="right"
+            )
+            scores = cost_model(
+                input_ids=input_ids.to(cost_model.device),
+                attention_mask=attention_mask.to(cost_model.device),
+                use_cache=False,
+            ).logits
+            total += scores.float().sum().item()
+    return total / len(sequences)
 
 
 def multiplier_from_config(cfg: DictConfig) -> Multiplier:

@@ -37,17 +37,27 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 from transformers import PreTrainedModel
 
-from saferlhf.config import PtxData
+from saferlhf.config import CostLimitOrigin, PtxData
 from saferlhf.data import views
-from saferlhf.data.collate import tokenize_prompts, tokenize_sft_examples
+from saferlhf.data.collate import (
+    tokenize_conversations,
+    tokenize_prompts,
+    tokenize_sft_examples,
+)
 from saferlhf.data.sources import load_data
+from saferlhf.errors import ConfigError
 from saferlhf.evaluate.gold import gold_metrics, judged_prompts
 from saferlhf.models.sharding import shard_for_strategy
 from saferlhf.rl.checkpoint import IterationCheckpoint
 from saferlhf.rl.config import check_ppo_config, decodes_compiled, ppo_variant
 from saferlhf.rl.experience import make_experience, rollout_metrics, score_rollout
 from saferlhf.rl.fixed_eval import FixedPromptEval
-from saferlhf.rl.lagrange import Multiplier, multiplier_from_config
+from saferlhf.rl.lagrange import (
+    SAFE_RESPONSES_SCORED,
+    Multiplier,
+    mean_cost,
+    multiplier_from_config,
+)
 from saferlhf.rl.models import PPOModels, load_ppo_models
 from saferlhf.rl.prompts import PromptDataModule
 from saferlhf.rl.rollout import decode_responses, minibatch_rows, sample_responses
@@ -84,7 +94,13 @@ class PPOModule(pl.LightningModule):
         gold: bool,
         ptx: PtxLoss | None = None,
         sample_every: int = 0,
+        cost_limit: float | None = None,
+        safe_responses: list[list[int]] | None = None,
+        score_batch_size: int = 128,
     ):
+        """``cost_limit``: ``lagrange.cost_limit``; with ``safe_responses`` (tokenized safe
+        conversations, ``lagrange.cost_limit_from=safe_responses``) it is measured from their
+        mean cost, scored at the start of training ``score_batch_size`` at a time."""
         super().__init__()
         self.automatic_optimization = False
         # Without a reference model the actor is a LoRA model whose base is the reference.
@@ -98,6 +114,9 @@ class PPOModule(pl.LightningModule):
         self.tokenizer, self.algo, self.sampling = models.tokenizer, algo, sampling
         self.fixed_eval, self.gold, self.ptx = fixed_eval, gold, ptx
         self.sample_every = sample_every
+        self.configured_cost_limit = self.cost_limit = cost_limit  # d as set, and as used
+        self.safe_responses, self.score_batch_size = safe_responses, score_batch_size
+        self.safe_response_cost: float | None = None
         self.history: list[dict[str, float]] = []
         self.initial_eval: dict[str, float] | None = None
         self._resume_rng_state: tuple | None = None  # (CPU state, CUDA states or None)
@@ -247,6 +266,15 @@ class PPOModule(pl.LightningModule):
     # -- the fixed-prompt evaluation before and after training --------------------------------
 
     def on_train_start(self) -> None:
+        if self.constrained and self.safe_responses is not None:
+            # On the device and, when sharded, on every rank alike; a resumed run measures the
+            # same frozen cost model on the same responses again.
+            self.safe_response_cost = mean_cost(
+                self.cost_model, self.safe_responses, self.tokenizer.pad_token_id,
+                self.score_batch_size,
+            )  # fmt: skip
+            self.cost_limit = self.configured_cost_limit + self.safe_response_cost
+            self.lagrange.cost_limit = self.cost_limit
         if self.initial_eval is None:  # a resumed run keeps the one it measured before training
             self.initial_eval = self._evaluate_fixed_prompts()
 
@@ -313,6 +341,19 @@ def ppo_task(run: RunContext) -> TaskResult:
         )
         ptx = PtxLoss(examples, algo.ptx_batch_size, tokenizer.pad_token_id)
 
+    safe_responses = None
+    if uses_cost and cfg.lagrange.cost_limit_from == CostLimitOrigin.safe_responses:
+        safe = [i for i in views.qa_items(loaded.splits["train"]) if i.is_safe]
+        if not safe:
+            raise ConfigError(
+                "lagrange.cost_limit_from=safe_responses: the train split has no response "
+                "labelled safe to measure the cost limit from"
+            )
+        safe = safe[:SAFE_RESPONSES_SCORED]
+        safe_responses = tokenize_conversations(
+            tokenizer, [i.prompt for i in safe], [i.response for i in safe], cfg.model.max_length
+        )
+
     static_prompt_width = max_prompt if decodes_compiled(algo, cfg.trainer) else None
     sampling = dict(
         cfg.eval.sampling,
@@ -326,8 +367,9 @@ def ppo_task(run: RunContext) -> TaskResult:
         cfg.eval.seed, cfg.eval.batch_size, cfg.model.max_length, gold,
     )  # fmt: skip
     module = PPOModule(
-        models, lagrange, algo, sampling, fixed_eval, gold, ptx, cfg.task.sample_every
-    )
+        models, lagrange, algo, sampling, fixed_eval, gold, ptx, cfg.task.sample_every,
+        cfg.lagrange.cost_limit if uses_cost else None, safe_responses, cfg.eval.batch_size,
+    )  # fmt: skip
     data = PromptDataModule(
         train_prompts, tokenize_prompts(tokenizer, train_prompts, max_prompt), algo.iterations,
         algo.rollout_batch_size, cfg.seed,
@@ -351,6 +393,10 @@ def ppo_task(run: RunContext) -> TaskResult:
     metrics = dict(module.history[-1])
     metrics |= {f"initial/{name}": value for name, value in module.initial_eval.items()}
     metrics |= {f"final/{name}": value for name, value in module.final_eval.items()}
+    if uses_cost:
+        metrics["lagrange/cost_limit"] = module.cost_limit  # d as the run used it
+    if module.safe_response_cost is not None:
+        metrics["lagrange/safe_response_cost"] = module.safe_response_cost
     policy = module.actor.merge_and_unload() if algo.lora_rank > 0 else module.actor
     export_artifact(trainer, policy, tokenizer, artifact)  # a plain causal LM either way
     if trainer.is_global_zero:
