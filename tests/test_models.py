@@ -158,10 +158,11 @@ def test_sft_loss_puts_only_label_positions_through_the_head_with_the_full_logit
     tokenizer = benchmark_tokenizer(num_train=100, vocab_size=512)
     torch.manual_seed(0)
     model = build_causal_lm(micro_model_cfg(), tokenizer)
-    assert linear_lm_head(model) is model.lm_head
     batch = _sft_batch(tokenizer)
     labelled = ((batch["labels"][:, 1:] != -100) & (batch["weight"][:, None] > 0)).sum()
     assert 0 < labelled < batch["labels"][:, 1:].numel() / 2  # most positions are not labels
+    head_rows = []
+    model.lm_head.register_forward_hook(lambda head, args, out: head_rows.append(len(args[0])))
 
     grads = []
     for loss_fn in (response_nll, _nll_from_full_logits):
@@ -170,26 +171,21 @@ def test_sft_loss_puts_only_label_positions_through_the_head_with_the_full_logit
         nll.backward()
         grads.append((nll.detach(), [p.grad.clone() for p in model.parameters()]))
     (ours, our_grads), (full, full_grads) = grads
+    assert head_rows[0] == labelled  # the head saw the label positions alone
     assert response_nll(model, batch)[1] == labelled
     torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-4)
     for a, b in zip(our_grads, full_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # The hook is gone after the loss: a plain forward has every position's logits again.
+    assert model(input_ids=batch["input_ids"]).logits.shape[:2] == batch["input_ids"].shape
 
 
-def test_heads_that_do_more_than_one_linear_map_run_inside_the_model():
+def test_a_head_is_one_linear_map_only_without_bias_capping_or_scaling():
     tokenizer = benchmark_tokenizer(num_train=100, vocab_size=512)
-    torch.manual_seed(0)
     model = build_causal_lm(micro_model_cfg(), tokenizer)
-    batch = _sft_batch(tokenizer)
-    expected = _nll_from_full_logits(model, batch)
-
+    assert linear_lm_head(model) is model.lm_head
     model.config.final_logit_softcapping = 30.0  # Gemma 2's: applied after the head
     assert linear_lm_head(model) is None
     model.config.final_logit_softcapping = None
-    hidden = model.config.hidden_size
-    model.lm_head = torch.nn.Linear(hidden, len(tokenizer), bias=True)  # a bias, zero here
-    with torch.no_grad():
-        model.lm_head.weight.copy_(model.get_input_embeddings().weight)
-        model.lm_head.bias.zero_()
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, len(tokenizer), bias=True)
     assert linear_lm_head(model) is None
-    torch.testing.assert_close(response_nll(model, batch)[0], expected, rtol=1e-5, atol=1e-4)

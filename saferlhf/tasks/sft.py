@@ -11,10 +11,13 @@ and ``val/truncated`` count them. Exports the best checkpoint (lowest ``val/loss
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from saferlhf.data.collate import Encoded, encode_sft_examples, log_truncated
@@ -22,7 +25,7 @@ from saferlhf.data.module import LanguageModelingCollator, ListDataModule
 from saferlhf.data.sources import load_data
 from saferlhf.data.views import qa_items
 from saferlhf.losses import selective_log_softmax
-from saferlhf.models import build_causal_lm, linear_lm_head
+from saferlhf.models import build_causal_lm
 from saferlhf.models.sharding import shard_for_strategy
 from saferlhf.run import RunContext, TaskResult
 from saferlhf.tasks.common import (
@@ -39,22 +42,38 @@ def response_nll(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed negative log-likelihood of the unmasked label tokens, and their count.
 
-    The LM head runs on the label positions only when it can run apart from the model
-    (:func:`~saferlhf.models.linear_lm_head`): prompts and padding are most of an SFT batch
-    (about two thirds on the embedded benchmark), and their ``(tokens, V)`` logits would be
-    thrown away. The numbers are the full logits' at those positions.
+    Only the positions that predict a label go through the LM head: prompts and padding are
+    most of an SFT batch (about two thirds on the embedded benchmark), and their
+    ``(tokens, V)`` logits would be thrown away. The numbers are the full logits' at those
+    positions.
     """
     labels = batch["labels"][:, 1:]  # token t is predicted from tokens < t
     mask = (labels != -100) & (batch["weight"][:, None] > 0)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    head = linear_lm_head(model)
-    if head is None:
-        logits = model(**inputs, use_cache=False).logits[:, :-1][mask]  # (N, V)
-    else:
-        hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
-        logits = head(hidden[:, :-1][mask])  # (N, V)
+    predicting = F.pad(mask, (0, 1))  # (B, T): the last position predicts nothing
+    with lm_head_on(model, predicting):
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits  # (N, V)
     token_logps = selective_log_softmax(logits.float()[None], labels[mask][None])  # (1, N)
     return -token_logps.sum(), mask.sum()
+
+
+@contextlib.contextmanager
+def lm_head_on(model: PreTrainedModel, positions: torch.Tensor) -> Iterator[None]:
+    """Within the block, ``model``'s LM head takes the final hidden states at ``positions``
+    (``(B, T)`` bool) only, so the model's ``logits`` are ``(N, V)`` for the ``N`` positions.
+
+    A forward pre-hook picks the rows inside the model's own forward, so whatever the forward
+    does around the head still happens: FSDP gathers the head's weights, and architectures
+    that cap or scale the logits (Gemma, Cohere) still do, position by position.
+    """
+    handle = model.get_output_embeddings().register_forward_pre_hook(
+        lambda head, args: (args[0][positions], *args[1:])
+    )
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class SFTModule(pl.LightningModule):
