@@ -114,9 +114,9 @@ class PPOModule(pl.LightningModule):
         self.tokenizer, self.algo, self.sampling = models.tokenizer, algo, sampling
         self.fixed_eval, self.gold, self.ptx = fixed_eval, gold, ptx
         self.sample_every = sample_every
-        self.configured_cost_limit = self.cost_limit = cost_limit  # d as set, and as used
+        self.configured_cost_limit = cost_limit
         self.safe_responses, self.score_batch_size = safe_responses, score_batch_size
-        self.safe_response_cost: float | None = None
+        self.safe_response_cost: float | None = None  # measured in on_train_start
         self.history: list[dict[str, float]] = []
         self.initial_eval: dict[str, float] | None = None
         self._resume_rng_state: tuple | None = None  # (CPU state, CUDA states or None)
@@ -132,6 +132,14 @@ class PPOModule(pl.LightningModule):
     @property
     def constrained(self) -> bool:
         return self.lagrange is not None
+
+    @property
+    def cost_limit(self) -> float | None:
+        """d as the run uses it: ``lagrange.cost_limit``, measured from the safe responses'
+        mean cost once that is known."""
+        if self.safe_response_cost is None:
+            return self.configured_cost_limit
+        return self.configured_cost_limit + self.safe_response_cost
 
     def configure_optimizers(self):
         """AdamW and a learning-rate schedule for each trained network, then λ's optimizer
@@ -273,7 +281,6 @@ class PPOModule(pl.LightningModule):
                 self.cost_model, self.safe_responses, self.tokenizer.pad_token_id,
                 self.score_batch_size,
             )  # fmt: skip
-            self.cost_limit = self.configured_cost_limit + self.safe_response_cost
             self.lagrange.cost_limit = self.cost_limit
         if self.initial_eval is None:  # a resumed run keeps the one it measured before training
             self.initial_eval = self._evaluate_fixed_prompts()
