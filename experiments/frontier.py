@@ -36,9 +36,10 @@ stages); everything lands in ROOT = BASE_frontier/ next to BASE:
    the PPO task's fixed eval prompts (from each job's summary.json), and the SFT policy's;
 4. head to head: per seed, every final policy samples ``eval.responses_per_prompt`` responses
    to each prompt of task=evaluate's prompt set (the test split's distinct prompts, its seed),
-   as task=evaluate does, with the PPO sampling settings; each dual policy (safe_rlhf, fixed) is compared with each single one on
-   helpfulness and harmlessness by task=evaluate's gold comparison (an unreadable response
-   loses on both), as Safe RLHF's Table 2 compares its models; median win rate over seeds;
+   as task=evaluate does, with the PPO sampling settings; each dual policy (safe_rlhf, fixed)
+   is compared with each single one on helpfulness and harmlessness by task=evaluate's gold
+   comparison (an unreadable response loses on both), as Safe RLHF's Table 2 compares its
+   models; median win rate over seeds;
 5. a Pareto plot of the setting medians with their seed ranges.
 
 Writes ROOT/frontier.md, ROOT/frontier.json and ROOT/frontier_pareto.png, and prints the tables.

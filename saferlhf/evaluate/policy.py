@@ -145,8 +145,9 @@ def mean(values: Sequence[float]) -> float:
 def mean_and_standard_error(values: Sequence[float], num_prompts: int) -> tuple[float, float]:
     """The mean of per-response ``values`` laid out in rounds
     (:func:`saferlhf.evaluate.gold.answered_prompts`) and its standard error over prompts: the
-    standard deviation of the per-prompt means over the square root of their number. The responses to one prompt are not independent draws of the
-    benchmark, so the prompt is the unit; NaN with fewer than two prompts."""
+    standard deviation of the per-prompt means over the square root of their number. The
+    responses to one prompt are not independent draws of the benchmark, so the prompt is the
+    unit; NaN with fewer than two prompts."""
     if num_prompts < 1 or not values or len(values) % num_prompts:
         raise ValueError(f"{len(values)} values do not fill rounds of {num_prompts} prompts")
     if num_prompts < 2:
