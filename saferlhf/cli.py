@@ -31,6 +31,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from saferlhf import CONF_DIR
+from saferlhf.allocator import keep_freed_memory
 from saferlhf.config import register_configs, validate_config
 from saferlhf.errors import UserError
 from saferlhf.objective import run_objective
@@ -73,6 +74,7 @@ def run(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> d
 
     from saferlhf.tasks.common import CheckpointOnSigterm, StopOnNonFinite
 
+    keep_freed_memory()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed, workers=True, verbose=False)
