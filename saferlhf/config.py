@@ -102,6 +102,9 @@ class ModelConfig:
     dtype: str = MISSING
     lr: LearningRates = field(default_factory=LearningRates)
     prompt_template: PromptTemplate = PromptTemplate.safe_rlhf
+    # SFT, ptx and score-model batches packed into rows of max_length tokens, unpadded; needs
+    # attention that reads sequence boundaries from position_ids, as transformers' own models'
+    pack_sequences: bool = True
 
 
 @dataclass
@@ -270,7 +273,7 @@ class PPOConfig:
     compile_generation: bool | None = MISSING  # torch.compile'd fixed-shape decoding; None: CUDA
     gather_actor_for_decoding: bool = MISSING  # fsdp: the actor's layers gathered once per rollout
     gradient_checkpointing: bool = MISSING  # actor and critics recompute activations in backward
-    packed_update: bool = MISSING  # update passes on a minibatch's rows packed into one, unpadded
+    packed_update: bool = MISSING  # update passes on a minibatch's rows packed unpadded
     logprob_chunk: int = MISSING  # > 0: the update's actor log-probs this many tokens at a time
     lora_rank: int = MISSING  # > 0: train LoRA adapters on the actor; reference = adapters off
     lora_alpha: float = MISSING
@@ -602,6 +605,13 @@ def combination_error(cfg: dict[str, Any]) -> str | None:
                 f"model.max_length={max_length}: expected a value > {key}={max_new_tokens}, "
                 "so that a prompt has room before the generated tokens"
             )
+    model = cfg["model"]
+    if model["pack_sequences"] and model["trust_remote_code"]:
+        return (
+            "model.pack_sequences=true with model.trust_remote_code=true: packed rows stay apart "
+            "only in attention that reads sequence boundaries from position_ids, as "
+            "transformers' own models do; set model.pack_sequences=false for remote code"
+        )
     strategy = cfg["trainer"]["strategy"]
     if cfg["task"]["name"] == "ppo" and strategy not in PPO_STRATEGIES:
         return (

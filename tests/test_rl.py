@@ -296,8 +296,10 @@ def test_packed_rows_give_the_log_probs_and_values_of_the_padded_rows(tokenizer,
     rollout = _ragged_rollout(tokenizer, policy, [3, 12, 7, 1])
     packed = packed_rows(rollout)
     assert packed.attention_mask is None
-    assert packed.input_ids.shape == (1, rollout.attention_mask.sum())  # no padding left
-    assert packed.position_ids[0].eq(0).sum() == 4  # each row starts again at position 0
+    # Rows as wide as the rollout's, and fewer of them.
+    assert packed.input_ids.shape[0] < 4
+    assert packed.input_ids.shape[1] <= rollout.input_ids.shape[1]
+    assert packed.position_ids.eq(0).sum() == 4  # each rollout row starts again at position 0
     mask = rollout.response_mask
     with torch.no_grad():
         padded_logprobs = response_log_probs(policy, rollout)

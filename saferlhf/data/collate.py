@@ -402,3 +402,67 @@ def pad_sequences(
         input_ids[row, span] = torch.as_tensor(seq, dtype=torch.long)
         attention_mask[row, span] = 1
     return input_ids, attention_mask
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Sequences laid end to end in rows of at most ``capacity`` tokens, with no padding
+    between them: ``position_ids`` restart at 0 at each sequence, which is how transformers'
+    attention (its sdpa, eager and flex masks; flash attention's varlen kernel) keeps the
+    sequences of a row apart. A row's unused end is padding whose positions count from 0 again,
+    a sequence of its own that nothing reads."""
+
+    input_ids: torch.Tensor  # (rows, width)
+    position_ids: torch.Tensor  # (rows, width)
+    ends: torch.Tensor  # (sequences,) flat index into (rows * width) of each one's last token
+    labels: torch.Tensor | None  # (rows, width), -100 at each sequence's first token and padding
+
+
+def first_fit_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """The indices of the sequences each row holds: longest first, each into the first row
+    with room for it (first-fit decreasing), rows of at most ``capacity`` tokens."""
+    if max(lengths) > capacity:
+        raise ValueError(f"a sequence of {max(lengths)} tokens does not fit rows of {capacity}")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[index]), len(rows))
+        if row == len(rows):
+            rows.append([])
+            room.append(capacity)
+        rows[row].append(index)
+        room[row] -= lengths[index]
+    return rows
+
+
+def pack_sequences(
+    sequences: Sequence[Sequence[int]],
+    capacity: int,
+    pad_token_id: int,
+    labels: Sequence[Sequence[int]] | None = None,
+) -> Packed:
+    """Pack ``sequences`` (each at most ``capacity`` tokens) longest first, each into the first
+    row with room (first-fit decreasing), keeping ``labels`` in the same layout.
+
+    A sequence's first label becomes -100: nothing in the sequence predicts its first token,
+    and in a packed row the token before it is the previous sequence's last.
+    """
+    lengths = [len(s) for s in sequences]
+    rows = first_fit_rows(lengths, capacity)
+    width = max(sum(lengths[i] for i in members) for members in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.empty((len(rows), width), dtype=torch.long)
+    packed_labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    ends = torch.empty(len(sequences), dtype=torch.long)
+    for r, members in enumerate(rows):
+        start = 0
+        for index in members:
+            stop = start + lengths[index]
+            input_ids[r, start:stop] = torch.as_tensor(sequences[index], dtype=torch.long)
+            position_ids[r, start:stop] = torch.arange(lengths[index])
+            if labels is not None:
+                packed_labels[r, start + 1 : stop] = torch.as_tensor(labels[index][1:])
+            ends[index] = r * width + stop - 1
+            start = stop
+        position_ids[r, start:] = torch.arange(width - start)
+    return Packed(input_ids, position_ids, ends, packed_labels if labels is not None else None)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from saferlhf.data.collate import encode_conversations, pad_sequences
+from saferlhf.data.collate import encode_conversations, pack_sequences, pad_sequences
 from saferlhf.data.views import QAItem
 from saferlhf.errors import ConfigError
 from saferlhf.taxonomy import NUM_SEVERITIES, PKU_SAFERLHF, Taxonomy
@@ -122,19 +122,23 @@ CLASS_BALANCE: dict[str, Callable] = {"none": no_balance, "balanced": balanced_w
 
 
 class ItemCollator:
-    """Right-pads a batch of items (the backbone reads the last non-pad token)."""
+    """Right-pads a batch of items (the backbone reads the last non-pad token), or with
+    ``pack_length`` packs them into rows of that many tokens
+    (:func:`~saferlhf.data.collate.pack_sequences`; ``ends`` then says where each one ends)."""
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int, pack_length: int | None = None):
+        self.pad_token_id, self.pack_length = pad_token_id, pack_length
 
     def __call__(self, examples: Sequence[tuple[dict, float]]) -> dict[str, torch.Tensor]:
         batch = [item for item, _ in examples]
-        input_ids, attention_mask = pad_sequences(
-            [b["input_ids"] for b in batch], self.pad_token_id, side="right"
-        )
-        collated = {
-            "input_ids": input_ids,  # (B, T)
-            "attention_mask": attention_mask,
+        sequences = [b["input_ids"] for b in batch]
+        if self.pack_length is None:
+            input_ids, attention_mask = pad_sequences(sequences, self.pad_token_id, side="right")
+            layout = {"input_ids": input_ids, "attention_mask": attention_mask}  # (B, T)
+        else:
+            packed = pack_sequences(sequences, self.pack_length, self.pad_token_id)
+            layout = {k: getattr(packed, k) for k in ("input_ids", "position_ids", "ends")}
+        collated = layout | {
             "categories": torch.tensor([b["categories"] for b in batch]),  # (B, C)
             "is_safe": torch.tensor([float(b["is_safe"]) for b in batch]),  # (B,)
             "weight": torch.tensor([weight for _, weight in examples]),  # (B,)

@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from saferlhf.data.collate import pad_sequences
+from saferlhf.data.collate import pack_sequences, pad_sequences
 
 
 class ShardedSampler(Sampler[int]):
@@ -107,19 +107,24 @@ class TokenizedPairs:
 
 
 class PairCollator:
-    """Stacks a batch of pairs as ``2B`` right-padded sequences: the B firsts, then the B seconds."""
+    """Stacks a batch of pairs as ``2B`` sequences, the B firsts then the B seconds: right-padded
+    rows, or with ``pack_length`` packed into rows of that many tokens
+    (:func:`~saferlhf.data.collate.pack_sequences`; ``ends`` then says where each one ends)."""
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    def __init__(self, pad_token_id: int, pack_length: int | None = None):
+        self.pad_token_id, self.pack_length = pad_token_id, pack_length
 
     def __call__(self, batch: Sequence[tuple[dict, float]]) -> dict[str, torch.Tensor]:
         items = [item for item, _ in batch]
         sequences = [item["first"] for item in items] + [item["second"] for item in items]
-        input_ids, attention_mask = pad_sequences(sequences, self.pad_token_id, side="right")
+        if self.pack_length is None:
+            input_ids, attention_mask = pad_sequences(sequences, self.pad_token_id, side="right")
+            layout = {"input_ids": input_ids, "attention_mask": attention_mask}  # (2B, T)
+        else:
+            packed = pack_sequences(sequences, self.pack_length, self.pad_token_id)
+            layout = {k: getattr(packed, k) for k in ("input_ids", "position_ids", "ends")}
         per_response = lambda key: torch.tensor([i[key] for i in items], dtype=torch.float).T  # noqa: E731
-        return {
-            "input_ids": input_ids,  # (2B, T)
-            "attention_mask": attention_mask,
+        return layout | {
             "signs": per_response("signs").reshape(-1),  # (2, B) -> (2B,)
             "gold": per_response("gold").reshape(-1),  # (2B,)
             "weight": torch.tensor([weight for _, weight in batch], dtype=torch.float),  # (B,)
@@ -140,12 +145,31 @@ class ListDataset(Dataset):
 
 
 class LanguageModelingCollator:
-    """Right-pads ``(input_ids, labels)`` examples; labels are -100 where the loss is masked."""
+    """Right-pads ``(input_ids, labels)`` examples; labels are -100 where the loss is masked.
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    With ``pack_length`` the examples are packed into rows of that many tokens instead
+    (:func:`~saferlhf.data.collate.pack_sequences`): ``position_ids`` replace the attention
+    mask, the labels of weight-0 examples (:class:`ShardedSampler`'s padding) are masked, and
+    every row has weight 1.
+    """
+
+    def __init__(self, pad_token_id: int, pack_length: int | None = None):
+        self.pad_token_id, self.pack_length = pad_token_id, pack_length
 
     def __call__(self, items: Sequence[tuple]) -> dict[str, torch.Tensor]:
+        if self.pack_length is not None:
+            packed = pack_sequences(
+                [ids for (ids, _), _ in items],
+                self.pack_length,
+                self.pad_token_id,
+                [labels if weight > 0 else [-100] * len(labels) for (_, labels), weight in items],
+            )
+            return {
+                "input_ids": packed.input_ids,
+                "position_ids": packed.position_ids,
+                "labels": packed.labels,
+                "weight": torch.ones(len(packed.input_ids)),
+            }
         input_ids, attention_mask = pad_sequences([ids for (ids, _), _ in items], self.pad_token_id)
         labels, _ = pad_sequences([labels for (_, labels), _ in items], -100)
         return {

@@ -3,6 +3,7 @@ from saferlhf.models.builders import (
     build_score_model,
     count_parameters,
     linear_lm_head,
+    lm_head_on,
     save_artifact,
 )
 from saferlhf.models.tokenizer import build_tokenizer, load_tokenizer, train_bpe_tokenizer
@@ -13,6 +14,7 @@ __all__ = [
     "build_tokenizer",
     "count_parameters",
     "linear_lm_head",
+    "lm_head_on",
     "load_tokenizer",
     "save_artifact",
     "train_bpe_tokenizer",

@@ -8,6 +8,8 @@ Artifacts are plain Hugging Face folders: config, safetensors weights and the to
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,27 @@ def linear_lm_head(model: PreTrainedModel) -> torch.nn.Linear | None:
     ):
         return None
     return head
+
+
+@contextlib.contextmanager
+def lm_head_on(
+    model: PreTrainedModel, positions: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+) -> Iterator[None]:
+    """Within the block, ``model``'s LM head takes the final hidden states at ``positions``
+    only, so the model's ``logits`` are ``(N, V)`` for the ``N`` positions: a ``(B, T)`` bool
+    mask (positions in row order), or ``(rows, columns)`` index tensors (in their order).
+
+    A forward pre-hook picks the rows inside the model's own forward, so whatever the forward
+    does around the head still happens: FSDP gathers the head's weights, and architectures
+    that cap or scale the logits (Gemma, Cohere) still do, position by position.
+    """
+    handle = model.get_output_embeddings().register_forward_pre_hook(
+        lambda head, args: (args[0][positions], *args[1:])
+    )
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def save_artifact(

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
-from saferlhf.data.collate import pad_sequences
+from saferlhf.data.collate import first_fit_rows, pad_sequences
 from saferlhf.losses import chunked_token_log_probs, selective_log_softmax
-from saferlhf.models import linear_lm_head
+from saferlhf.models import linear_lm_head, lm_head_on
 from saferlhf.models.sharding import decoding_weights, inference_context
 
 
@@ -289,21 +289,29 @@ class ModelRows:
     """A rollout's rows as a model runs them, and where its per-token outputs go back to.
 
     Padded (:func:`padded_rows`): the rollout's own ``(B, P + R)`` rows and attention mask.
-    Packed (:func:`packed_rows`): the real tokens of every row laid end to end in one row of
-    ``N`` tokens, with no padding and no attention mask; ``position_ids`` restart at 0 at each
-    row, from which transformers builds a block-diagonal causal mask (``masking_utils.
-    find_packed_sequence_indices`` for sdpa, eager and flex attention; flash attention reads the
-    same boundaries from ``position_ids`` and runs its varlen kernel), so no row sees another.
+    Packed (:func:`packed_rows`): the real tokens of every row laid end to end, with no padding
+    between them and no attention mask, in rows as wide as the rollout's; ``position_ids``
+    restart at 0 at each rollout row, from which transformers builds a block-diagonal causal
+    mask (``masking_utils.find_packed_sequence_indices`` for sdpa, eager and flex attention;
+    flash attention reads the same boundaries from ``position_ids`` and runs its varlen
+    kernel), so no rollout row sees another.
     """
 
     input_ids: torch.Tensor  # (rows, L)
     attention_mask: torch.Tensor | None  # (rows, L); None when packed
     position_ids: torch.Tensor  # (rows, L)
-    before_response: torch.Tensor  # (K,) the columns whose outputs predict response tokens
-    responses: torch.Tensor  # (rows, K) the response tokens they predict
+    # The positions whose outputs predict response tokens. Padded: (K,) columns, the same in
+    # every row. Packed: (row, column) index tensors, one entry per response token of the
+    # (B, R) layout's ``response_cells``, in their order.
+    before_response: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+    responses: torch.Tensor  # the response tokens they predict: (B, K) padded, (K,) packed
     # (B, R) cells of the response layout that packed outputs fill, in order; None: padded,
     # where the outputs are already (B, R)
     response_cells: torch.Tensor | None
+
+    @property
+    def packed(self) -> bool:
+        return self.response_cells is not None
 
     def model_inputs(self) -> dict[str, torch.Tensor | bool | None]:
         return {
@@ -313,10 +321,17 @@ class ModelRows:
             "use_cache": False,
         }
 
+    def before_response_of(self, per_token: torch.Tensor) -> torch.Tensor:
+        """``(rows, L, ...)`` outputs at the positions that predict response tokens:
+        ``(B, K, ...)`` padded, ``(K, ...)`` packed."""
+        if self.packed:
+            return per_token[self.before_response]
+        return per_token[:, self.before_response]
+
     def to_response_layout(self, per_token: torch.Tensor) -> torch.Tensor:
-        """``(rows, K)`` outputs as the ``(B, R)`` response layout, 0 where packed rows had no
-        token (padding, which the losses' masks leave out)."""
-        if self.response_cells is None:
+        """Outputs for ``responses`` as the ``(B, R)`` response layout, 0 where packed rows had
+        no token (padding, which the losses' masks leave out)."""
+        if not self.packed:
             return per_token
         return per_token.new_zeros(self.response_cells.shape).masked_scatter(
             self.response_cells, per_token
@@ -335,22 +350,32 @@ def padded_rows(rollout: Rollout) -> ModelRows:
 
 
 def packed_rows(rollout: Rollout) -> ModelRows:
-    """The rollout's rows packed into one, without padding (see :class:`ModelRows`).
-
-    Where it pays: with a varlen attention kernel (flash attention on GPUs, which attends
-    within each packed row only), the update then computes no padding anywhere. sdpa and eager
-    attention get a dense ``(N, N)`` block-diagonal mask and compute attention over the whole
-    packed length (``N²`` against ``B · L²`` padded, near ``B`` times as much for rows of
-    similar length); there packing saves only the projections' and MLPs' work on padding.
-    """
+    """The rollout's rows packed without padding (see :class:`ModelRows`): first-fit
+    decreasing into rows as wide as the rollout's (:func:`~saferlhf.data.collate.
+    first_fit_rows`), so every rollout row fits whole and attention costs about what it costs
+    padded, while the projections and MLPs skip the padding."""
     real = rollout.attention_mask.bool()
-    packed_column = real.flatten().cumsum(0).view_as(real) - 1  # of each real token
+    lengths = real.sum(-1)
+    layout = first_fit_rows(lengths.tolist(), real.shape[1])
+    width = max(int(lengths[members].sum()) for members in layout)
+    start = torch.empty(len(lengths), dtype=torch.long)  # of each rollout row, flat, packed
+    for r, members in enumerate(layout):
+        offsets = lengths[members].cumsum(0) - lengths[members]
+        start[members] = r * width + offsets.cpu()
+    device = rollout.input_ids.device
+    flat_column = start.to(device)[:, None] + real.cumsum(-1) - 1  # of each real token
+    input_ids = torch.zeros(len(layout) * width, dtype=torch.long, device=device)
+    input_ids[flat_column[real]] = rollout.input_ids[real]
+    # Padding at a row's end numbered by its column: never one more than the token before it.
+    position_ids = torch.arange(width, device=device).repeat(len(layout))
+    position_ids[flat_column[real]] = rollout.position_ids[real]
     response_cells = rollout.response_mask.bool()
     # Response token t of a row sits at column prompt_width + t; the token before it predicts it.
-    before_response = packed_column[:, rollout.prompt_width - 1 : -1][response_cells]
+    before_response = flat_column[:, rollout.prompt_width - 1 : -1][response_cells]
     return ModelRows(
-        rollout.input_ids[real][None], None, rollout.position_ids[real][None], before_response,
-        rollout.responses[response_cells][None], response_cells,
+        input_ids.view(len(layout), width), None, position_ids.view(len(layout), width),
+        (before_response // width, before_response % width), rollout.responses[response_cells],
+        response_cells,
     )  # fmt: skip
 
 
@@ -359,7 +384,11 @@ def model_rows(rollout: Rollout, packed: bool) -> ModelRows:
 
 
 def _logits_before_response(model: PreTrainedModel, rows: ModelRows) -> torch.Tensor:
-    # The LM head runs on those positions only (the prompt's logits would be thrown away).
+    """The logits that predict the response tokens; the LM head runs on those positions only
+    (the prompt's logits would be thrown away)."""
+    if rows.packed:
+        with lm_head_on(model, rows.before_response):
+            return model(**rows.model_inputs()).logits  # (K, V)
     return model(**rows.model_inputs(), logits_to_keep=rows.before_response).logits
 
 
@@ -368,17 +397,19 @@ def response_log_probs(
 ) -> torch.Tensor:
     """Log-probability of each sampled response token under ``model``, ``(B, R)``.
 
-    ``packed`` runs the model on the rows packed into one (:func:`packed_rows`).
+    ``packed`` runs the model on the rows packed without padding (:func:`packed_rows`).
     ``chunk_tokens > 0`` takes the final hidden states and puts them through the LM head that
     many tokens at a time (:func:`~saferlhf.losses.chunked_token_log_probs`), so the update's
     ``(tokens, V)`` logits are never all held at once, nor kept for backward.
     """
     rows = model_rows(rollout, packed)
     if chunk_tokens == 0:
-        logprobs = selective_log_softmax(
-            _logits_before_response(model, rows).float(), rows.responses
-        )
-        return rows.to_response_layout(logprobs)
+        logits = _logits_before_response(model, rows).float()
+        if rows.packed:  # one row of K
+            return rows.to_response_layout(
+                selective_log_softmax(logits[None], rows.responses[None])[0]
+            )
+        return selective_log_softmax(logits, rows.responses)
     head = linear_lm_head(model)
     if head is None:
         raise ValueError(
@@ -387,7 +418,7 @@ def response_log_probs(
         )
     hidden = model.get_decoder()(**rows.model_inputs()).last_hidden_state
     logprobs = chunked_token_log_probs(
-        hidden[:, rows.before_response].flatten(0, 1), head.weight, rows.responses.flatten(),
+        rows.before_response_of(hidden).flatten(0, -2), head.weight, rows.responses.flatten(),
         chunk_tokens,
     ).view_as(rows.responses)  # fmt: skip
     return rows.to_response_layout(logprobs)
@@ -409,12 +440,12 @@ def token_values(critic: PreTrainedModel, rollout: Rollout, packed: bool = False
 
     The critic is a sequence-classification model (initialised from the reward or cost model),
     so its backbone and linear ``score`` head give a value at every position. ``packed`` runs
-    the backbone on the rows packed into one (:func:`packed_rows`).
+    the backbone on the rows packed without padding (:func:`packed_rows`).
     """
     rows = model_rows(rollout, packed)
     backbone = getattr(critic, critic.base_model_prefix)
     hidden = backbone(**rows.model_inputs()).last_hidden_state  # (rows, L, H)
     # The head on every position, then the ones wanted: a matmul over fewer rows can round
     # differently, and the padded path keeps the bits it had before packing existed.
-    values = critic.score(hidden).squeeze(-1).float()[:, rows.before_response]  # (rows, K)
+    values = rows.before_response_of(critic.score(hidden).squeeze(-1).float())
     return rows.to_response_layout(values)

@@ -104,9 +104,11 @@ class PtxLoss:
     """The SFT loss (mean token NLL) of the actor on a random batch of the train
     conversations: ptx, which keeps the policy close to its SFT data."""
 
-    def __init__(self, examples: Sequence, batch_size: int, pad_token_id: int):
+    def __init__(
+        self, examples: Sequence, batch_size: int, pad_token_id: int, pack_length: int | None
+    ):
         self.examples, self.batch_size = examples, batch_size
-        self.collate = LanguageModelingCollator(pad_token_id)
+        self.collate = LanguageModelingCollator(pad_token_id, pack_length)
 
     def __call__(self, actor: PreTrainedModel, device: torch.device) -> torch.Tensor:
         picks = torch.randint(len(self.examples), (self.batch_size,)).tolist()

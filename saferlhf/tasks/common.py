@@ -52,6 +52,31 @@ def model_config(cfg: DictConfig, init_key: str | None) -> DictConfig:
     return OmegaConf.merge(cfg.model, {"name_or_path": str(path)})
 
 
+def pack_length(model_cfg: DictConfig) -> int | None:
+    """The row length training collators pack sequences into (``model.max_length``) when
+    ``model.pack_sequences`` is on; None: right-padded rows."""
+    return model_cfg.max_length if model_cfg.pack_sequences else None
+
+
+def packed_last_token_logits(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """A sequence-classification model's head output at the last token of each sequence of a
+    packed batch (``input_ids``, ``position_ids``, ``ends``), ``(N, num_labels)``.
+
+    The model's own pooling reads one last non-pad token per row, so the head's per-token
+    output is taken from inside the forward instead (a forward hook on ``score``): the model
+    runs whole, so FSDP still gathers the head's weights.
+    """
+    per_token = []
+    handle = model.score.register_forward_hook(lambda head, args, out: per_token.append(out))
+    try:
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    finally:
+        handle.remove()
+    return per_token[0].flatten(0, 1)[batch["ends"]]
+
+
 def required_artifact(cfg: DictConfig, init_key: str) -> str:
     """The path in ``cfg.init.<init_key>``; a clear error naming the key when it is unset or absent."""
     path = cfg.init[init_key]

@@ -50,6 +50,8 @@ from saferlhf.tasks.common import (
     fit_and_validate_best,
     gather_across_ranks,
     model_config,
+    pack_length,
+    packed_last_token_logits,
     tokenizer_for,
 )
 from saferlhf.taxonomy import Taxonomy, taxonomy_from_config
@@ -101,7 +103,11 @@ class ModerationModule(pl.LightningModule):
 
     def _heads(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Category logits ``(B, C)`` and severity logits ``(B, 4)`` or None."""
-        return split_logits(self(batch["input_ids"], batch["attention_mask"]), self.taxonomy)
+        if "ends" in batch:
+            logits = packed_last_token_logits(self.model, batch).float()
+        else:
+            logits = self(batch["input_ids"], batch["attention_mask"])
+        return split_logits(logits, self.taxonomy)
 
     def training_step(self, batch, batch_idx):
         category_logits, severity_logits = self._heads(batch)
@@ -227,7 +233,11 @@ def moderation_task(run: RunContext) -> TaskResult:
         model, taxonomy, task.lr, task.weight_decay, task.warmup_ratio, pos_weight, severity_weight
     )
     data = ListDataModule(
-        train, holdout, ItemCollator(tokenizer.pad_token_id), task.batch_size, cfg.seed
+        train,
+        holdout,
+        ItemCollator(tokenizer.pad_token_id, pack_length(cfg.model)),
+        task.batch_size,
+        cfg.seed,
     )
     fit = fit_and_validate_best(run, module, data)
 

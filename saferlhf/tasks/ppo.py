@@ -71,6 +71,7 @@ from saferlhf.rl.update import (
 from saferlhf.run import RunContext, TaskResult
 from saferlhf.tasks.common import (
     export_artifact,
+    pack_length,
     required_artifact,
     resolve_ckpt_path,
     stop_if_non_finite,
@@ -346,7 +347,7 @@ def ppo_task(run: RunContext) -> TaskResult:
         examples = tokenize_sft_examples(
             tokenizer, [p for p, _ in pairs], [r for _, r in pairs], cfg.model.max_length
         )
-        ptx = PtxLoss(examples, algo.ptx_batch_size, tokenizer.pad_token_id)
+        ptx = PtxLoss(examples, algo.ptx_batch_size, tokenizer.pad_token_id, pack_length(cfg.model))
 
     safe_responses = None
     if uses_cost and cfg.lagrange.cost_limit_from == CostLimitOrigin.safe_responses:

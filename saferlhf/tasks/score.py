@@ -40,6 +40,8 @@ from saferlhf.tasks.common import (
     gather_across_ranks,
     gold_scores,
     model_config,
+    pack_length,
+    packed_last_token_logits,
     tokenizer_for,
 )
 
@@ -113,12 +115,18 @@ class ScoreModule(pl.LightningModule):
     def configure_model(self) -> None:
         shard_for_strategy(self, [self.model])
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        output = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return output.logits.squeeze(-1)  # (N,)
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The score of each sequence of a :class:`~saferlhf.data.module.PairCollator` batch,
+        padded or packed, ``(N,)``."""
+        if "ends" in batch:
+            return packed_last_token_logits(self.model, batch).squeeze(-1)
+        output = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        )
+        return output.logits.squeeze(-1)
 
     def _pair_scores(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return self(batch["input_ids"], batch["attention_mask"]).float().chunk(2)  # (B,), (B,)
+        return self(batch).float().chunk(2)  # (B,), (B,)
 
     def training_step(self, batch, batch_idx):
         first, second = self._pair_scores(batch)
@@ -251,7 +259,11 @@ def score_task(run: RunContext) -> TaskResult:
 
     module = ScoreModule(model, objective, task.lr, task.weight_decay, task.warmup_ratio, task.reg)
     data = ListDataModule(
-        train, val, PairCollator(tokenizer.pad_token_id), task.batch_size, cfg.seed
+        train,
+        val,
+        PairCollator(tokenizer.pad_token_id, pack_length(cfg.model)),
+        task.batch_size,
+        cfg.seed,
     )
     fit = fit_and_validate_best(run, module, data)
 

@@ -11,8 +11,6 @@ and ``val/truncated`` count them. Exports the best checkpoint (lowest ``val/loss
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -25,7 +23,7 @@ from saferlhf.data.module import LanguageModelingCollator, ListDataModule
 from saferlhf.data.sources import load_data
 from saferlhf.data.views import qa_items
 from saferlhf.losses import selective_log_softmax
-from saferlhf.models import build_causal_lm
+from saferlhf.models import build_causal_lm, lm_head_on
 from saferlhf.models.sharding import shard_for_strategy
 from saferlhf.run import RunContext, TaskResult
 from saferlhf.tasks.common import (
@@ -33,6 +31,7 @@ from saferlhf.tasks.common import (
     export_artifact,
     fit_and_validate_best,
     model_config,
+    pack_length,
     tokenizer_for,
 )
 
@@ -40,7 +39,8 @@ from saferlhf.tasks.common import (
 def response_nll(
     model: PreTrainedModel, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed negative log-likelihood of the unmasked label tokens, and their count.
+    """Summed negative log-likelihood of the unmasked label tokens, and their count, from a
+    :class:`~saferlhf.data.module.LanguageModelingCollator` batch, padded or packed.
 
     Only the positions that predict a label go through the LM head: prompts and padding are
     most of an SFT batch (about two thirds on the embedded benchmark), and their
@@ -52,28 +52,13 @@ def response_nll(
     predicting = F.pad(mask, (0, 1))  # (B, T): the last position predicts nothing
     with lm_head_on(model, predicting):
         logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),  # padded rows
+            position_ids=batch.get("position_ids"),  # packed rows
+            use_cache=False,
         ).logits  # (N, V)
     token_logps = selective_log_softmax(logits.float()[None], labels[mask][None])  # (1, N)
     return -token_logps.sum(), mask.sum()
-
-
-@contextlib.contextmanager
-def lm_head_on(model: PreTrainedModel, positions: torch.Tensor) -> Iterator[None]:
-    """Within the block, ``model``'s LM head takes the final hidden states at ``positions``
-    (``(B, T)`` bool) only, so the model's ``logits`` are ``(N, V)`` for the ``N`` positions.
-
-    A forward pre-hook picks the rows inside the model's own forward, so whatever the forward
-    does around the head still happens: FSDP gathers the head's weights, and architectures
-    that cap or scale the logits (Gemma, Cohere) still do, position by position.
-    """
-    handle = model.get_output_embeddings().register_forward_pre_hook(
-        lambda head, args: (args[0][positions], *args[1:])
-    )
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 class SFTModule(pl.LightningModule):
@@ -140,7 +125,7 @@ def sft_task(run: RunContext) -> TaskResult:
     data = ListDataModule(
         train.examples,
         val.examples,
-        LanguageModelingCollator(tokenizer.pad_token_id),
+        LanguageModelingCollator(tokenizer.pad_token_id, pack_length(cfg.model)),
         task.batch_size,
         cfg.seed,
     )
