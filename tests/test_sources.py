@@ -523,3 +523,17 @@ def test_beavertails_csv_and_parquet_like_the_hub(compose_cfg, tmp_path):
 def test_benchmark_refuses_another_taxonomy(compose_cfg):
     with pytest.raises(ConfigError, match=r"^data=benchmark is labelled with PKU-SafeRLHF's"):
         load_data(compose_cfg("taxonomy=beavertails").data)
+
+
+def test_the_benchmark_is_made_once_per_process_and_loads_the_same(compose_cfg):
+    from saferlhf.data.benchmark import generate_benchmark
+    from saferlhf.data.sources import benchmark_rows, load_data
+
+    data = compose_cfg("data.benchmark.num_train=40", "data.benchmark.num_test=10").data
+    b = data.benchmark
+    made = benchmark_rows.cache_info().misses
+    first, second = load_data(data), load_data(data)
+    assert benchmark_rows.cache_info().misses == made + 1  # the second load reused the rows
+    assert first.splits["train"].to_list() == second.splits["train"].to_list()
+    fresh = generate_benchmark(b.num_train, b.num_test, b.seed, b.label_noise, b.benign_fraction)
+    assert [r["prompt"] for r in first.splits["train"]] == [r["prompt"] for r in fresh["train"]]

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, NamedTuple, TypeVar
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -450,19 +451,30 @@ def pack_sequences(
     lengths = [len(s) for s in sequences]
     rows = first_fit_rows(lengths, capacity)
     width = max(sum(lengths[i] for i in members) for members in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    position_ids = torch.empty((len(rows), width), dtype=torch.long)
-    packed_labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    ends = torch.empty(len(sequences), dtype=torch.long)
-    for r, members in enumerate(rows):
-        start = 0
+    # Built as flat lists, each made a tensor once: a batch holds 64-128 sequences.
+    ids: list[int] = []
+    positions: list[int] = []
+    packed_labels: list[int] = []
+    ends = [0] * len(sequences)
+    for members in rows:
         for index in members:
-            stop = start + lengths[index]
-            input_ids[r, start:stop] = torch.as_tensor(sequences[index], dtype=torch.long)
-            position_ids[r, start:stop] = torch.arange(lengths[index])
-            if labels is not None:
-                packed_labels[r, start + 1 : stop] = torch.as_tensor(labels[index][1:])
-            ends[index] = r * width + stop - 1
-            start = stop
-        position_ids[r, start:] = torch.arange(width - start)
-    return Packed(input_ids, position_ids, ends, packed_labels if labels is not None else None)
+            ids += sequences[index]
+            positions += range(lengths[index])
+            packed_labels += [-100, *labels[index][1:]] if labels is not None else []
+            ends[index] = len(ids) - 1
+        pad = -len(ids) % width  # to the row's end
+        ids += [pad_token_id] * pad
+        positions += range(pad)
+        packed_labels += [-100] * pad if labels is not None else []
+    shape = (len(rows), width)
+    return Packed(
+        _long_tensor(ids).view(shape),
+        _long_tensor(positions).view(shape),
+        _long_tensor(ends),
+        _long_tensor(packed_labels).view(shape) if labels is not None else None,
+    )
+
+
+def _long_tensor(values: list[int]) -> torch.Tensor:
+    # Through numpy: torch.tensor reads a list of ints four times slower.
+    return torch.from_numpy(np.array(values, dtype=np.int64))

@@ -23,6 +23,7 @@ datasets keep the builders: their columns are typed as stored.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import os
@@ -439,14 +440,26 @@ def _dataset_part(source: str, ds: datasets.Dataset) -> Part:
 # -- the embedded benchmark ------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=2)
+def benchmark_rows(
+    num_train: int, num_test: int, seed: int, label_noise: float, benign_fraction: float
+) -> dict[str, list[dict[str, Any]]]:
+    """:func:`~saferlhf.data.benchmark.generate_benchmark`'s rows, made once per process: every
+    stage of a pipeline loads the same benchmark, and making it scores each answer with the
+    oracle (about 1.2 s for the quickstart's). Readers copy what they keep; none changes them."""
+    return benchmark.generate_benchmark(
+        num_train=num_train,
+        num_test=num_test,
+        seed=seed,
+        label_noise=label_noise,
+        benign_fraction=benign_fraction,
+    )
+
+
 def _benchmark_parts(data_cfg):
     b = data_cfg["benchmark"]
-    rows = benchmark.generate_benchmark(
-        num_train=b["num_train"],
-        num_test=b["num_test"],
-        seed=b["seed"],
-        label_noise=b["label_noise"],
-        benign_fraction=b["benign_fraction"],
+    rows = benchmark_rows(
+        b["num_train"], b["num_test"], b["seed"], b["label_noise"], b["benign_fraction"]
     )
     kind = data_cfg["kind"]
     parts = {}

@@ -185,11 +185,18 @@ class ScoreModule(pl.LightningModule):
 
 
 def encode_pairs(
-    cfg: DictConfig, objective: str, rows, tokenizer, corrupted_fraction: float = 0.0
+    cfg: DictConfig,
+    objective: str,
+    rows,
+    tokenizer,
+    corrupted_fraction: float = 0.0,
+    with_gold: bool = True,
 ) -> tuple[TokenizedPairs, int]:
     """Tokenize the view a stage learns from: preference pairs (reward), plus pairs that rank a
     response above a corrupted copy of itself (``corrupted_fraction`` of their number), or
-    safety pairs (cost). Also returns how many conversations (two per pair) were truncated."""
+    safety pairs (cost). Also returns how many conversations (two per pair) were truncated.
+    ``with_gold`` scores each response with the oracle for the validation metrics (NaN
+    otherwise: training reads no gold)."""
     max_length = cfg.model.max_length
     if objective == "reward":
         pairs = views.preference_pairs(rows)
@@ -207,13 +214,19 @@ def encode_pairs(
     first = encode_conversations(tokenizer, prompts, firsts, max_length)
     second = encode_conversations(tokenizer, prompts, seconds, max_length)
     field = GOLD_FIELD[objective]
+
+    def gold(responses: list[str]) -> list[float]:
+        if not with_gold:
+            return [math.nan] * len(responses)
+        return gold_scores(cfg.data, prompts, responses, field)
+
     tokenized = TokenizedPairs(
         first=first.examples,
         second=second.examples,
         first_sign=first_sign,
         second_sign=second_sign,
-        first_gold=gold_scores(cfg.data, prompts, firsts, field),
-        second_gold=gold_scores(cfg.data, prompts, seconds, field),
+        first_gold=gold(firsts),
+        second_gold=gold(seconds),
     )
     return tokenized, first.num_truncated + second.num_truncated
 
@@ -250,7 +263,7 @@ def score_task(run: RunContext) -> TaskResult:
     model = build_score_model(model_cfg, tokenizer)
     model.config.score_type = objective  # travels in config.json; evaluate_score reads it
     train, train_truncated = encode_pairs(
-        cfg, objective, loaded.splits["train"], tokenizer, task.corrupted_pairs
+        cfg, objective, loaded.splits["train"], tokenizer, task.corrupted_pairs, with_gold=False
     )
     # The validation pairs as annotated: no corrupted copies.
     val, val_truncated = encode_pairs(cfg, objective, loaded.splits["test"], tokenizer)
