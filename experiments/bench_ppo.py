@@ -19,9 +19,9 @@ Presets: ``tiny`` (``conf/model/tiny.yaml``, float32; the CPU figure), ``0.5b`` 
 weights on both sides; ``--device cuda``). ``--variants`` adds saferlhf runs with other settings: decoding with or
 without ``torch.compile`` (``compiled``, ``eager``; the default compiles it on CUDA only),
 length-bucketed minibatches (``bucketed``), a LoRA actor (``lora``), gradient
-checkpointing (``checkpointing``), the update on packed rows (``packed``), the update's actor
-log-probs 1024 tokens at a time (``chunked_logprob``) or through liger-kernel's fused linear
-cross-entropy where it is installed (``fused_logprob_liger``, CUDA only, otherwise skipped
+checkpointing (``checkpointing``), the update on padded rows (``padded``; the default packs
+them), the update's actor log-probs 1024 tokens at a time (``chunked_logprob``) or through
+liger-kernel's fused linear cross-entropy where it is installed (``fused_logprob_liger``, CUDA only, otherwise skipped
 with the reason), FSDP2 on the one device with the actor gathered once per rollout (``fsdp``)
 or layer by layer at every decoding step (``fsdp_layerwise``); on CUDA all but ``bucketed``
 and ``compiled`` by default, while
@@ -101,7 +101,7 @@ SAFERLHF_VARIANTS = {  # name -> extra overrides
     "bucketed": ["algo.length_bucketing=true"],
     "lora": ["algo.lora_rank=16"],
     "checkpointing": ["algo.gradient_checkpointing=true"],
-    "packed": ["algo.packed_update=true"],
+    "padded": ["algo.packed_update=false"],
     # 1024 tokens of a 32k vocabulary: 128 MiB of float32 logits at a time instead of a whole
     # minibatch's (32 rows x ~160 tokens: 650 MiB, and as much again for their gradient)
     "chunked_logprob": ["algo.logprob_chunk=1024"],
@@ -117,7 +117,7 @@ SAFERLHF_VARIANTS = {  # name -> extra overrides
 DEFAULT_VARIANTS = {
     "cpu": "default",
     "cuda": (
-        "default,packed,chunked_logprob,fused_logprob_liger,fsdp,fsdp_layerwise,checkpointing,"
+        "default,padded,chunked_logprob,fused_logprob_liger,fsdp,fsdp_layerwise,checkpointing,"
         "lora,eager"
     ),
 }
