@@ -5,9 +5,11 @@ import torch
 
 from saferlhf.data.benchmark import generate_benchmark
 from saferlhf.data.collate import pack_sequences, tokenize_conversations, tokenize_sft_examples
+from saferlhf.data.moderation import ItemCollator
 from saferlhf.data.module import LanguageModelingCollator, PairCollator
 from saferlhf.errors import ConfigError
 from saferlhf.models import build_causal_lm, build_score_model
+from saferlhf.tasks.common import packed_last_token_logits
 from saferlhf.tasks.score import ScoreModule
 from saferlhf.tasks.sft import response_nll
 from tests.tiny import benchmark_tokenizer, micro_model_cfg
@@ -89,6 +91,28 @@ def test_packed_pair_scores_equal_the_padded_ones(tokenizer, rows):
     packed = scorer(PairCollator(tokenizer.pad_token_id, pack_length=128)(items))
     assert padded.shape == packed.shape == (2 * len(rows),)
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_moderation_logits_equal_the_padded_ones(tokenizer, rows):
+    prompts = [r["prompt"] for r in rows]
+    conversations = tokenize_conversations(tokenizer, prompts, [r["response_1"] for r in rows], 128)
+    items = [
+        ({"input_ids": ids, "categories": [0.0] * 3, "is_safe": True, "severity": 0}, 1.0)
+        for ids in conversations
+    ]
+    torch.manual_seed(0)
+    model = build_score_model(micro_model_cfg(), tokenizer, num_labels=7).eval()
+    padded = ItemCollator(tokenizer.pad_token_id)(items)
+    packed = ItemCollator(tokenizer.pad_token_id, pack_length=128)(items)
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
+    assert torch.equal(packed["severity"], padded["severity"])  # labels stay per item
+    with torch.no_grad():
+        expected = model(
+            input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]
+        ).logits
+        torch.testing.assert_close(
+            packed_last_token_logits(model, packed), expected, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_packing_is_refused_for_remote_code_models(compose_cfg):
