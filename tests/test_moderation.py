@@ -278,9 +278,7 @@ def _predict(model, items, pad_token_id):
     probs, severity = [], []
     with torch.inference_mode():
         for batch in list_loader(items, ItemCollator(pad_token_id), 64, False, 0):
-            category_logits, severity_logits = split_logits(
-                module(batch["input_ids"], batch["attention_mask"]), PKU_SAFERLHF
-            )
+            category_logits, severity_logits = split_logits(module(batch), PKU_SAFERLHF)
             probs.append(category_logits.sigmoid())
             severity.append(severity_logits.argmax(dim=-1))
     return torch.cat(probs), torch.cat(severity)

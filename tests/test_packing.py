@@ -9,7 +9,7 @@ from saferlhf.data.moderation import ItemCollator
 from saferlhf.data.module import LanguageModelingCollator, PairCollator
 from saferlhf.errors import ConfigError
 from saferlhf.models import build_causal_lm, build_score_model
-from saferlhf.tasks.common import packed_last_token_logits
+from saferlhf.tasks.common import last_token_logits
 from saferlhf.tasks.score import ScoreModule
 from saferlhf.tasks.sft import response_nll
 from tests.tiny import benchmark_tokenizer, micro_model_cfg
@@ -110,9 +110,7 @@ def test_packed_moderation_logits_equal_the_padded_ones(tokenizer, rows):
         expected = model(
             input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]
         ).logits
-        torch.testing.assert_close(
-            packed_last_token_logits(model, packed), expected, rtol=1e-5, atol=1e-5
-        )
+        torch.testing.assert_close(last_token_logits(model, packed), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_packing_is_refused_for_remote_code_models(compose_cfg):

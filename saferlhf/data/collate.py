@@ -475,6 +475,19 @@ def pack_sequences(
     )
 
 
+def sequence_layout(
+    sequences: Sequence[Sequence[int]], pad_token_id: int, pack_length: int | None
+) -> dict[str, torch.Tensor]:
+    """A model's inputs for ``sequences`` of which one output each is read: right-padded rows
+    (``input_ids``, ``attention_mask``), or with ``pack_length`` rows of that many tokens
+    (``input_ids``, ``position_ids``, and ``ends``, where each sequence ends)."""
+    if pack_length is None:
+        input_ids, attention_mask = pad_sequences(sequences, pad_token_id, side="right")
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    packed = pack_sequences(sequences, pack_length, pad_token_id)
+    return {"input_ids": packed.input_ids, "position_ids": packed.position_ids, "ends": packed.ends}
+
+
 def _long_tensor(values: list[int]) -> torch.Tensor:
     # Through numpy: torch.tensor reads a list of ints four times slower.
     return torch.from_numpy(np.array(values, dtype=np.int64))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from saferlhf.data.collate import encode_conversations, pack_sequences, pad_sequences
+from saferlhf.data.collate import encode_conversations, sequence_layout
 from saferlhf.data.views import QAItem
 from saferlhf.errors import ConfigError
 from saferlhf.taxonomy import NUM_SEVERITIES, PKU_SAFERLHF, Taxonomy
@@ -132,13 +132,7 @@ class ItemCollator:
     def __call__(self, examples: Sequence[tuple[dict, float]]) -> dict[str, torch.Tensor]:
         batch = [item for item, _ in examples]
         sequences = [b["input_ids"] for b in batch]
-        if self.pack_length is None:
-            input_ids, attention_mask = pad_sequences(sequences, self.pad_token_id, side="right")
-            layout = {"input_ids": input_ids, "attention_mask": attention_mask}  # (B, T)
-        else:
-            packed = pack_sequences(sequences, self.pack_length, self.pad_token_id)
-            layout = {k: getattr(packed, k) for k in ("input_ids", "position_ids", "ends")}
-        collated = layout | {
+        collated = sequence_layout(sequences, self.pad_token_id, self.pack_length) | {
             "categories": torch.tensor([b["categories"] for b in batch]),  # (B, C)
             "is_safe": torch.tensor([float(b["is_safe"]) for b in batch]),  # (B,)
             "weight": torch.tensor([weight for _, weight in examples]),  # (B,)

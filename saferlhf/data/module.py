@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from saferlhf.data.collate import pack_sequences, pad_sequences
+from saferlhf.data.collate import pack_sequences, pad_sequences, sequence_layout
 
 
 class ShardedSampler(Sampler[int]):
@@ -117,12 +117,7 @@ class PairCollator:
     def __call__(self, batch: Sequence[tuple[dict, float]]) -> dict[str, torch.Tensor]:
         items = [item for item, _ in batch]
         sequences = [item["first"] for item in items] + [item["second"] for item in items]
-        if self.pack_length is None:
-            input_ids, attention_mask = pad_sequences(sequences, self.pad_token_id, side="right")
-            layout = {"input_ids": input_ids, "attention_mask": attention_mask}  # (2B, T)
-        else:
-            packed = pack_sequences(sequences, self.pack_length, self.pad_token_id)
-            layout = {k: getattr(packed, k) for k in ("input_ids", "position_ids", "ends")}
+        layout = sequence_layout(sequences, self.pad_token_id, self.pack_length)
         per_response = lambda key: torch.tensor([i[key] for i in items], dtype=torch.float).T  # noqa: E731
         return layout | {
             "signs": per_response("signs").reshape(-1),  # (2, B) -> (2B,)

@@ -58,16 +58,18 @@ def pack_length(model_cfg: DictConfig) -> int | None:
     return model_cfg.max_length if model_cfg.pack_sequences else None
 
 
-def packed_last_token_logits(
-    model: PreTrainedModel, batch: dict[str, torch.Tensor]
-) -> torch.Tensor:
+def last_token_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """A sequence-classification model's head output at the last token of each sequence of a
-    packed batch (``input_ids``, ``position_ids``, ``ends``), ``(N, num_labels)``.
+    :func:`~saferlhf.data.collate.sequence_layout` batch, padded or packed, ``(N, num_labels)``.
 
-    The model's own pooling reads one last non-pad token per row, so the head's per-token
-    output is taken from inside the forward instead (a forward hook on ``score``): the model
-    runs whole, so FSDP still gathers the head's weights.
+    Packed, the model's own pooling would read one last non-pad token per row, so the head's
+    per-token output is taken from inside the forward instead (a forward hook on ``score``):
+    the model runs whole, so FSDP still gathers the head's weights.
     """
+    if "ends" not in batch:
+        return model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits
     per_token = []
     handle = model.score.register_forward_hook(lambda head, args, out: per_token.append(out))
     try:

@@ -49,9 +49,9 @@ from saferlhf.tasks.common import (
     adamw_with_schedule,
     fit_and_validate_best,
     gather_across_ranks,
+    last_token_logits,
     model_config,
     pack_length,
-    packed_last_token_logits,
     tokenizer_for,
 )
 from saferlhf.taxonomy import Taxonomy, taxonomy_from_config
@@ -97,17 +97,14 @@ class ModerationModule(pl.LightningModule):
     def configure_model(self) -> None:
         shard_for_strategy(self, [self.model])
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        output = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return output.logits.float()
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The head's logits for each item of an :class:`~saferlhf.data.moderation.ItemCollator`
+        batch, padded or packed, ``(B, num_labels)``."""
+        return last_token_logits(self.model, batch).float()
 
     def _heads(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Category logits ``(B, C)`` and severity logits ``(B, 4)`` or None."""
-        if "ends" in batch:
-            logits = packed_last_token_logits(self.model, batch).float()
-        else:
-            logits = self(batch["input_ids"], batch["attention_mask"])
-        return split_logits(logits, self.taxonomy)
+        return split_logits(self(batch), self.taxonomy)
 
     def training_step(self, batch, batch_idx):
         category_logits, severity_logits = self._heads(batch)

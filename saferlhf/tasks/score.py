@@ -39,9 +39,9 @@ from saferlhf.tasks.common import (
     fit_and_validate_best,
     gather_across_ranks,
     gold_scores,
+    last_token_logits,
     model_config,
     pack_length,
-    packed_last_token_logits,
     tokenizer_for,
 )
 
@@ -118,12 +118,7 @@ class ScoreModule(pl.LightningModule):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The score of each sequence of a :class:`~saferlhf.data.module.PairCollator` batch,
         padded or packed, ``(N,)``."""
-        if "ends" in batch:
-            return packed_last_token_logits(self.model, batch).squeeze(-1)
-        output = self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        )
-        return output.logits.squeeze(-1)
+        return last_token_logits(self.model, batch).squeeze(-1)
 
     def _pair_scores(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         return self(batch).float().chunk(2)  # (B,), (B,)
