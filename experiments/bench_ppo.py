@@ -101,7 +101,7 @@ SAFERLHF_VARIANTS = {  # name -> extra overrides
     "bucketed": ["algo.length_bucketing=true"],
     "lora": ["algo.lora_rank=16"],
     "checkpointing": ["algo.gradient_checkpointing=true"],
-    "padded": ["algo.packed_update=false"],
+    "padded": ["algo.packed_rollouts=false"],
     # 1024 tokens of a 32k vocabulary: 128 MiB of float32 logits at a time instead of a whole
     # minibatch's (32 rows x ~160 tokens: 650 MiB, and as much again for their gradient)
     "chunked_logprob": ["algo.logprob_chunk=1024"],

@@ -273,7 +273,7 @@ class PPOConfig:
     compile_generation: bool | None = MISSING  # torch.compile'd fixed-shape decoding; None: CUDA
     gather_actor_for_decoding: bool = MISSING  # fsdp: the actor's layers gathered once per rollout
     gradient_checkpointing: bool = MISSING  # actor and critics recompute activations in backward
-    packed_update: bool = MISSING  # update passes on a minibatch's rows packed unpadded
+    packed_rollouts: bool = MISSING  # scoring and update passes on the rollout rows packed unpadded
     logprob_chunk: int = MISSING  # > 0: the update's actor log-probs this many tokens at a time
     lora_rank: int = MISSING  # > 0: train LoRA adapters on the actor; reference = adapters off
     lora_alpha: float = MISSING

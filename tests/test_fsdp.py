@@ -103,7 +103,7 @@ def test_a_sharded_actor_decodes_and_scores_as_the_plain_one(
         packed_values = token_values(critic, rollouts[1], packed=True)
     with inference_context(plain_critic):
         torch.testing.assert_close(values, token_values(plain_critic, rollouts[0]))
-    # algo.packed_update runs sharded too (chunked log-probs are refused under FSDP).
+    # algo.packed_rollouts runs sharded too (chunked log-probs are refused under FSDP).
     mask = rollouts[1].response_mask
     torch.testing.assert_close(packed_values, values * mask, atol=1e-5, rtol=1e-4)
     with inference_context(sharded):
@@ -148,7 +148,7 @@ def test_ppo_runs_under_fsdp_but_not_with_lora_compiled_decoding_or_chunked_log_
     assert "fsdp" in PPO_STRATEGIES
     cfg = compose_cfg("task=ppo", "trainer=fsdp")
     validate_config(cfg)
-    validate_config(compose_cfg("task=ppo", "trainer=fsdp", "algo.packed_update=true"))
+    validate_config(compose_cfg("task=ppo", "trainer=fsdp", "algo.packed_rollouts=true"))
     assert not decodes_compiled(cfg.algo, cfg.trainer)  # gathered weights change every iteration
     with pytest.raises(ConfigError, match="algo.lora_rank=8: LoRA does not run under"):
         validate_config(compose_cfg("task=ppo", "trainer=fsdp", "algo.lora_rank=8"))

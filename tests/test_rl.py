@@ -282,7 +282,7 @@ def _ragged_rollout(tokenizer, policy, response_lengths: list[int]) -> Rollout:
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_packed_rows_give_the_log_probs_and_values_of_the_padded_rows(tokenizer, attention):
+def test_packed_rows_give_the_log_probs_values_and_scores_of_the_padded_rows(tokenizer, attention):
     """Packed rows carry no attention mask: transformers must build a block-diagonal causal
     mask from the restarting position ids, or each row would attend to the rows before it."""
     cfg = micro_model_cfg()
@@ -320,6 +320,13 @@ def test_packed_rows_give_the_log_probs_and_values_of_the_padded_rows(tokenizer,
         torch.testing.assert_close(
             token_values(critic, rollout, packed=True), padded_values * mask, atol=1e-5, rtol=1e-4
         )
+        # A score model reads each rollout row's own last token, not one per packed row.
+        torch.testing.assert_close(
+            sequence_scores(critic, rollout, packed=True),
+            sequence_scores(critic, rollout),
+            atol=1e-5,
+            rtol=1e-4,
+        )
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean"])
@@ -353,7 +360,7 @@ def test_packed_and_chunked_updates_give_the_padded_losses_and_gradients(
         return metrics, grads
 
     padded_metrics, padded_grads = one_step()
-    metrics, grads = one_step(f"algo.packed_update={packed}", f"algo.logprob_chunk={chunk}")
+    metrics, grads = one_step(f"algo.packed_rollouts={packed}", f"algo.logprob_chunk={chunk}")
     assert 0 < padded_metrics["train/clip_fraction"] < 1  # both sides of the clip are taken
     assert metrics == pytest.approx(padded_metrics, rel=1e-5, abs=1e-6)
     assert grads.keys() == padded_grads.keys()
@@ -881,7 +888,7 @@ def test_a_packed_chunked_ppo_lagrangian_run_trains_as_the_padded_one(
     histories = []
     for name, overrides in [
         ("padded", ()),
-        ("packed", ("algo.packed_update=true", "algo.logprob_chunk=16")),
+        ("packed", ("algo.packed_rollouts=true", "algo.logprob_chunk=16")),
     ]:
         cfg = _ppo(compose_cfg, untrained_artifacts, "algo.iterations=2", *overrides)
         run(cfg, tmp_path / name)

@@ -5,6 +5,7 @@ from saferlhf.models.builders import (
     linear_lm_head,
     lm_head_on,
     save_artifact,
+    score_head_at,
 )
 from saferlhf.models.tokenizer import build_tokenizer, load_tokenizer, train_bpe_tokenizer
 
@@ -17,5 +18,6 @@ __all__ = [
     "lm_head_on",
     "load_tokenizer",
     "save_artifact",
+    "score_head_at",
     "train_bpe_tokenizer",
 ]

@@ -131,6 +131,25 @@ def lm_head_on(
         handle.remove()
 
 
+def score_head_at(
+    model: PreTrainedModel, flat_positions: torch.Tensor, **inputs: torch.Tensor | bool | None
+) -> torch.Tensor:
+    """A sequence-classification model run on ``inputs`` (``(rows, L)``), and its head's
+    output at ``flat_positions``, indices into the ``rows * L`` positions: ``(N, num_labels)``.
+
+    The model's own pooling reads one last non-pad token per row, which is wrong for packed
+    rows (several sequences to a row), so a forward hook on ``score`` keeps the head's output
+    at every position instead. The model runs whole, so FSDP still gathers the head's weights.
+    """
+    per_token = []
+    handle = model.score.register_forward_hook(lambda head, args, out: per_token.append(out))
+    try:
+        model(**inputs)
+    finally:
+        handle.remove()
+    return per_token[0].flatten(0, 1)[flat_positions]
+
+
 def save_artifact(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path
 ) -> Path:

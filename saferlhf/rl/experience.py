@@ -60,22 +60,27 @@ def score_rollout(
     reward_critic: PreTrainedModel,
     cost_model: PreTrainedModel | None,
     cost_critic: PreTrainedModel | None,
+    packed: bool = False,
 ) -> Scores:
     """Reference log-probs, reward and cost, and both critics' values under inference mode;
-    without a ``reference`` the actor is a LoRA model whose base is the reference."""
+    without a ``reference`` the actor is a LoRA model whose base is the reference. ``packed``
+    runs every model on the rows packed without padding (:func:`~saferlhf.rl.rollout.
+    packed_rows`); the outputs are then 0 at the response layout's padding."""
     with inference_context(actor, reference, reward_model, reward_critic, cost_model, cost_critic):
         if reference is not None:
-            ref_logprobs = response_log_probs(reference, rollout)
+            ref_logprobs = response_log_probs(reference, rollout, packed)
         else:
             with actor.disable_adapter():
-                ref_logprobs = response_log_probs(actor, rollout)
+                ref_logprobs = response_log_probs(actor, rollout, packed)
         scores = Scores(
             logprobs=rollout.logprobs,  # kept while sampling: no actor pass needed
             ref_logprobs=ref_logprobs,
-            reward=sequence_scores(reward_model, rollout),
-            reward_values=token_values(reward_critic, rollout),
-            cost=sequence_scores(cost_model, rollout) if cost_model is not None else None,
-            cost_values=token_values(cost_critic, rollout) if cost_critic is not None else None,
+            reward=sequence_scores(reward_model, rollout, packed),
+            reward_values=token_values(reward_critic, rollout, packed),
+            cost=sequence_scores(cost_model, rollout, packed) if cost_model is not None else None,
+            cost_values=(
+                token_values(cost_critic, rollout, packed) if cost_critic is not None else None
+            ),
         )
     # Inference tensors cannot enter autograd graphs; plain copies can.
     return Scores(

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
 from saferlhf.data.collate import first_fit_rows, pad_sequences
 from saferlhf.losses import chunked_token_log_probs, selective_log_softmax
-from saferlhf.models import linear_lm_head, lm_head_on
+from saferlhf.models import linear_lm_head, lm_head_on, score_head_at
 from saferlhf.models.sharding import decoding_weights, inference_context
 
 
@@ -308,6 +308,9 @@ class ModelRows:
     # (B, R) cells of the response layout that packed outputs fill, in order; None: padded,
     # where the outputs are already (B, R)
     response_cells: torch.Tensor | None
+    # Packed: each rollout row's last token, a flat index into (rows * L); None: padded, where
+    # a score model's own pooling finds it
+    ends: torch.Tensor | None
 
     @property
     def packed(self) -> bool:
@@ -345,7 +348,7 @@ def padded_rows(rollout: Rollout) -> ModelRows:
     )
     return ModelRows(
         rollout.input_ids, rollout.attention_mask, rollout.position_ids, before_response,
-        rollout.responses, None,
+        rollout.responses, None, None,
     )  # fmt: skip
 
 
@@ -375,7 +378,7 @@ def packed_rows(rollout: Rollout) -> ModelRows:
     return ModelRows(
         input_ids.view(len(layout), width), None, position_ids.view(len(layout), width),
         (before_response // width, before_response % width), rollout.responses[response_cells],
-        response_cells,
+        response_cells, flat_column[:, -1],
     )  # fmt: skip
 
 
@@ -424,8 +427,14 @@ def response_log_probs(
     return rows.to_response_layout(logprobs)
 
 
-def sequence_scores(score_model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
-    """Reward or cost of each (prompt, response) from a score model: its last-token head, ``(B,)``."""
+def sequence_scores(
+    score_model: PreTrainedModel, rollout: Rollout, packed: bool = False
+) -> torch.Tensor:
+    """Reward or cost of each (prompt, response) from a score model: its last-token head, ``(B,)``.
+    ``packed`` runs the model on the rows packed without padding (:func:`packed_rows`)."""
+    if packed:
+        rows = packed_rows(rollout)
+        return score_head_at(score_model, rows.ends, **rows.model_inputs()).squeeze(-1).float()
     output = score_model(
         input_ids=rollout.input_ids,
         attention_mask=rollout.attention_mask,

@@ -122,10 +122,10 @@ def update_actor(
 ) -> dict[str, float]:
     """One step on the clipped surrogate, the ptx loss added to it (``algo.ptx_mode=joint``)
     or taken as a second step at the updated weights (``separate``); the step's metrics.
-    ``algo.packed_update`` and ``algo.logprob_chunk`` choose how the log-probs are computed
+    ``algo.packed_rollouts`` and ``algo.logprob_chunk`` choose how the log-probs are computed
     (:func:`~saferlhf.rl.rollout.response_log_probs`), not what they are."""
     logprobs = response_log_probs(
-        actor, mb.rollout, packed=algo.packed_update, chunk_tokens=algo.logprob_chunk
+        actor, mb.rollout, packed=algo.packed_rollouts, chunk_tokens=algo.logprob_chunk
     )
     clip = ppo_clip_loss(
         logprobs,
@@ -161,14 +161,14 @@ def update_critics(
     step: OptimizerStep,
 ) -> dict[str, float]:
     """One step of each critic on its clipped value loss; the losses as metrics. The critics
-    run on packed rows with ``algo.packed_update``."""
+    run on packed rows with ``algo.packed_rollouts``."""
     critics = {"reward": (reward_critic, mb.old_reward_values, mb.reward_returns)}
     if cost_critic is not None:
         critics["cost"] = (cost_critic, mb.old_cost_values, mb.cost_returns)
     metrics = {}
     for name, (critic, old_values, returns) in critics.items():
         value = value_clip_loss(
-            token_values(critic, mb.rollout, packed=algo.packed_update),
+            token_values(critic, mb.rollout, packed=algo.packed_rollouts),
             old_values,
             returns,
             mb.rollout.response_mask,

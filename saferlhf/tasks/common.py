@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from saferlhf.data import benchmark
 from saferlhf.data.collate import format_conversation
 from saferlhf.errors import ConfigError, UserError
-from saferlhf.models import build_tokenizer, save_artifact
+from saferlhf.models import build_tokenizer, save_artifact, score_head_at
 from saferlhf.models.sharding import ShardedDataParallel, local_part, unsharded_copy
 from saferlhf.run import RunContext
 
@@ -60,23 +60,19 @@ def pack_length(model_cfg: DictConfig) -> int | None:
 
 def last_token_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """A sequence-classification model's head output at the last token of each sequence of a
-    :func:`~saferlhf.data.collate.sequence_layout` batch, padded or packed, ``(N, num_labels)``.
-
-    Packed, the model's own pooling would read one last non-pad token per row, so the head's
-    per-token output is taken from inside the forward instead (a forward hook on ``score``):
-    the model runs whole, so FSDP still gathers the head's weights.
-    """
+    :func:`~saferlhf.data.collate.sequence_layout` batch, padded or packed, ``(N, num_labels)``
+    (packed: :func:`~saferlhf.models.score_head_at` at the sequences' ends)."""
     if "ends" not in batch:
         return model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
         ).logits
-    per_token = []
-    handle = model.score.register_forward_hook(lambda head, args, out: per_token.append(out))
-    try:
-        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-    finally:
-        handle.remove()
-    return per_token[0].flatten(0, 1)[batch["ends"]]
+    return score_head_at(
+        model,
+        batch["ends"],
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    )
 
 
 def required_artifact(cfg: DictConfig, init_key: str) -> str:

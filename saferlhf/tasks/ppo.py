@@ -190,7 +190,7 @@ class PPOModule(pl.LightningModule):
         # 2. scoring, all without autograd
         scores = score_rollout(
             rollout, self.actor, self.reference, self.reward_model, self.reward_critic,
-            self.cost_model, self.cost_critic,
+            self.cost_model, self.cost_critic, packed=a.packed_rollouts,
         )  # fmt: skip
         scored = self._clock()
 
