@@ -19,8 +19,8 @@ Presets: ``tiny`` (``conf/model/tiny.yaml``, float32; the CPU figure), ``0.5b`` 
 weights on both sides; ``--device cuda``). ``--variants`` adds saferlhf runs with other settings: decoding with or
 without ``torch.compile`` (``compiled``, ``eager``; the default compiles it on CUDA only),
 length-bucketed minibatches (``bucketed``), a LoRA actor (``lora``), gradient
-checkpointing (``checkpointing``), the update on padded rows (``padded``; the default packs
-them), the update's actor log-probs 1024 tokens at a time (``chunked_logprob``) or through
+checkpointing (``checkpointing``), scoring and update on padded rows (``padded``; the
+default packs them), the update's actor log-probs 1024 tokens at a time (``chunked_logprob``) or through
 liger-kernel's fused linear cross-entropy where it is installed (``fused_logprob_liger``, CUDA only, otherwise skipped
 with the reason), FSDP2 on the one device with the actor gathered once per rollout (``fsdp``)
 or layer by layer at every decoding step (``fsdp_layerwise``); on CUDA all but ``bucketed``
