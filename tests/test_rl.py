@@ -29,6 +29,7 @@ from saferlhf.rl.lagrange import (
 from saferlhf.rl.rollout import (
     Rollout,
     minibatch_rows,
+    model_rows,
     nucleus,
     packed_rows,
     padded_rows,
@@ -296,6 +297,8 @@ def test_packed_rows_give_the_log_probs_values_and_scores_of_the_padded_rows(tok
     rollout = _ragged_rollout(tokenizer, policy, [3, 12, 7, 1])
     packed = packed_rows(rollout)
     assert packed.attention_mask is None
+    # Laid out once per rollout: scoring and each minibatch's update share one layout.
+    assert model_rows(rollout, packed=True) is model_rows(rollout, packed=True)
     # Rows as wide as the rollout's, and fewer of them.
     assert packed.input_ids.shape[0] < 4
     assert packed.input_ids.shape[1] <= rollout.input_ids.shape[1]

@@ -9,6 +9,7 @@ index 0, and the logits that predict them are columns ``prompt_width - 1 ... -2`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -38,6 +39,13 @@ class Rollout:
     @property
     def responses(self) -> torch.Tensor:  # (B, R)
         return self.input_ids[:, self.prompt_width :]
+
+    @functools.cached_property
+    def packed_layout(self) -> ModelRows:
+        """The rows packed without padding (:func:`packed_rows`), laid out once per rollout
+        (whose tensors nothing changes once it is made): scoring runs up to five models on
+        them, each PPO minibatch's update three."""
+        return packed_rows(self)
 
     def select(self, index: torch.Tensor) -> Rollout:
         return Rollout(
@@ -383,7 +391,7 @@ def packed_rows(rollout: Rollout) -> ModelRows:
 
 
 def model_rows(rollout: Rollout, packed: bool) -> ModelRows:
-    return packed_rows(rollout) if packed else padded_rows(rollout)
+    return rollout.packed_layout if packed else padded_rows(rollout)
 
 
 def _logits_before_response(model: PreTrainedModel, rows: ModelRows) -> torch.Tensor:
@@ -432,16 +440,12 @@ def sequence_scores(
 ) -> torch.Tensor:
     """Reward or cost of each (prompt, response) from a score model: its last-token head, ``(B,)``.
     ``packed`` runs the model on the rows packed without padding (:func:`packed_rows`)."""
-    if packed:
-        rows = packed_rows(rollout)
-        return score_head_at(score_model, rows.ends, **rows.model_inputs()).squeeze(-1).float()
-    output = score_model(
-        input_ids=rollout.input_ids,
-        attention_mask=rollout.attention_mask,
-        position_ids=rollout.position_ids,
-        use_cache=False,
-    )
-    return output.logits.squeeze(-1).float()
+    rows = model_rows(rollout, packed)
+    if rows.packed:
+        scores = score_head_at(score_model, rows.ends, **rows.model_inputs())
+    else:
+        scores = score_model(**rows.model_inputs()).logits
+    return scores.squeeze(-1).float()
 
 
 def token_values(critic: PreTrainedModel, rollout: Rollout, packed: bool = False) -> torch.Tensor:
